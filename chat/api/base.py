@@ -1,0 +1,50 @@
+"""An async APIView: DRF's request parsing, negotiation, permissions and exception handling,
+with `async def` handlers awaited on the event loop.
+
+Why not adrf: its dispatch runs DRF's `initial()` through `sync_to_async`, a hop to a
+per-request thread on every call, which costs more server CPU per chat than the rest of the
+view (see BENCHMARKS.md). Nothing in `initial()` does I/O here (no authenticator or throttle
+touches the database yet), so it runs inline; when one does, it moves to `chat.db.run`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from django.http import HttpRequest, HttpResponseBase
+from rest_framework.renderers import JSONRenderer
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+
+class AsyncAPIView(APIView):
+    async def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        self.args = args
+        self.kwargs = kwargs
+        request = self.initialize_request(request, *args, **kwargs)
+        self.request = request
+        self.headers = self.default_response_headers
+        try:
+            self.initial(request, *args, **kwargs)
+            method = request.method.lower()
+            handler = (
+                getattr(self, method, self.http_method_not_allowed)
+                if method in self.http_method_names
+                else self.http_method_not_allowed
+            )
+            response = handler(request, *args, **kwargs)
+            if inspect.isawaitable(response):
+                response = await response
+        except Exception as exc:
+            response = self.handle_exception(exc)
+        self.response = self.finalize_response(request, response, *args, **kwargs)
+        return self.response
+
+    def finalize_response(self, request, response, *args, **kwargs):  # type: ignore[override]
+        response = super().finalize_response(request, response, *args, **kwargs)
+        # Errors are JSON whatever the client asked for (e.g. Accept: text/event-stream).
+        if isinstance(response, Response) and response.status_code >= 400:
+            response.accepted_renderer = JSONRenderer()
+            response.accepted_media_type = JSONRenderer.media_type
+        return response

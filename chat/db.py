@@ -1,0 +1,44 @@
+"""Run ORM work from async code on a small, fixed pool of threads.
+
+Django's own async ORM methods hop to a thread per request context, so every request would open
+its own database connection. Here a few long-lived threads each keep one connection (a
+connection pool in effect), and every unit of work is one short function — never a transaction
+held open across an `await`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import ParamSpec, TypeVar
+
+from django.conf import settings
+from django.db import close_old_connections
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_executor: ThreadPoolExecutor | None = None
+
+
+def _get_executor() -> ThreadPoolExecutor:
+    global _executor
+    if _executor is None:
+        _executor = ThreadPoolExecutor(
+            max_workers=settings.DATABASE_THREADS, thread_name_prefix="db"
+        )
+    return _executor
+
+
+def _run(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+    # Drops a connection that broke or outlived CONN_MAX_AGE before it is used again.
+    close_old_connections()
+    return fn(*args, **kwargs)
+
+
+async def run(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+    """Await `fn(*args, **kwargs)` run on a database thread."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_get_executor(), functools.partial(_run, fn, *args, **kwargs))

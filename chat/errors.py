@@ -1,0 +1,154 @@
+"""The application's error family. One exception handler (chat.api.errors) maps each to JSON.
+
+Every error carries an HTTP status, a stable machine-readable `code` and a human `message`;
+`extra` adds fields to the error body (e.g. the id of the stored message an upstream failure
+belongs to), `headers` adds response headers (e.g. Retry-After).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ApplicationError(Exception):
+    status_code: int = 400
+    code: str = "error"
+    default_message: str = "The request could not be completed."
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        extra: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.message = message or self.default_message
+        self.extra: dict[str, Any] = dict(extra or {})
+        self.headers: dict[str, str] = dict(headers or {})
+        super().__init__(self.message)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status_code,
+            "code": self.code,
+            "message": self.message,
+            **self.extra,
+        }
+
+
+class NotFound(ApplicationError):
+    status_code = 404
+    code = "not_found"
+    default_message = "Not found."
+
+
+class InvalidRequest(ApplicationError):
+    status_code = 400
+    code = "invalid"
+
+
+class IdempotencyKeyInUse(ApplicationError):
+    status_code = 409
+    code = "idempotency_key_in_use"
+    default_message = (
+        "A request with this Idempotency-Key is still being processed; retry after it finishes."
+    )
+
+
+class IdempotencyKeyMismatch(ApplicationError):
+    status_code = 422
+    code = "idempotency_key_reused"
+    default_message = "This Idempotency-Key was already used with a different request body."
+
+
+class InternalError(ApplicationError):
+    status_code = 500
+    code = "internal_error"
+    default_message = "The server failed to complete the request."
+
+
+class ServiceNotConfigured(ApplicationError):
+    status_code = 503
+    code = "openai_not_configured"
+    default_message = (
+        "The OpenAI API key is not configured on the server (set OPENAI_API_KEY); "
+        "messages can be listed but not sent."
+    )
+
+
+class UpstreamError(ApplicationError):
+    """The model API failed. The prompt is stored; `message_id` names the stored message."""
+
+    status_code = 502
+    code = "upstream_error"
+    default_message = "The model API failed to answer."
+
+
+class UpstreamTimeout(UpstreamError):
+    status_code = 504
+    code = "upstream_timeout"
+    default_message = "The model API did not answer in time."
+
+
+class UpstreamRateLimited(UpstreamError):
+    status_code = 503
+    code = "upstream_rate_limited"
+    default_message = "The model API is rate limiting this service; try again later."
+
+
+class UpstreamUnavailable(UpstreamError):
+    code = "upstream_unavailable"
+    default_message = "The model API could not be reached or failed with a server error."
+
+
+class UpstreamBadResponse(UpstreamError):
+    code = "upstream_bad_response"
+    default_message = "The model API sent a reply that could not be understood."
+
+
+class UpstreamAuthenticationFailed(UpstreamError):
+    code = "upstream_auth_failed"
+    default_message = (
+        "The model API rejected this service's API key; the server operator must fix "
+        "OPENAI_API_KEY."
+    )
+
+
+class UpstreamRejected(UpstreamError):
+    code = "upstream_rejected"
+    default_message = "The model API rejected the request."
+
+
+class UpstreamTruncated(UpstreamError):
+    code = "upstream_truncated"
+    default_message = "The model API ended the reply stream before the reply was finished."
+
+
+class GenerationInterrupted(UpstreamError):
+    status_code = 503
+    code = "generation_interrupted"
+    default_message = "The server stopped while the reply was being generated."
+
+
+def _all_subclasses(cls: type[ApplicationError]) -> list[type[ApplicationError]]:
+    found = []
+    for sub in cls.__subclasses__():
+        found.append(sub)
+        found.extend(_all_subclasses(sub))
+    return found
+
+
+def error_for_stored_message(message: object) -> ApplicationError | None:
+    """Rebuild the error of a message that ended badly (for replays and followers)."""
+    status = getattr(message, "status", "")
+    if status in ("pending", "streaming", "completed"):
+        return None
+    code = getattr(message, "error_code", "") or UpstreamError.code
+    by_code = {cls.code: cls for cls in _all_subclasses(ApplicationError)}
+    error_class = by_code.get(code, UpstreamError)
+    error = error_class(
+        getattr(message, "error_message", "") or None,
+        extra={"message_id": getattr(message, "pk", None)},
+    )
+    error.code = code
+    return error

@@ -1,0 +1,311 @@
+"""The gateway to the model API: the only module that touches the `openai` SDK.
+
+The client is built from settings at call time (never at import) and cached per event loop,
+because an `AsyncOpenAI` client's connection pool is bound to the loop that first used it.
+SDK exceptions are translated here into the `chat.errors` family, so nothing above this module
+knows the SDK exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+import time
+import typing
+import weakref
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import httpx2
+import openai
+from django.conf import settings
+
+from chat import errors
+
+logger = logging.getLogger(__name__)
+
+ChatTurn = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": "..."}
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    model: str
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    latency_ms: int
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A piece of a streamed reply."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    model: str
+    temperature: float | None = None
+    max_tokens: int | None = None
+
+    def as_request_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"model": self.model}
+        if self.temperature is not None:
+            kwargs["temperature"] = self.temperature
+        if self.max_tokens is not None:
+            kwargs["max_tokens"] = self.max_tokens
+        return kwargs
+
+
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[tuple, openai.AsyncOpenAI]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def is_configured() -> bool:
+    return bool(settings.OPENAI_API_KEY)
+
+
+def _client_config() -> tuple:
+    return (
+        settings.OPENAI_API_KEY,
+        settings.OPENAI_BASE_URL,
+        settings.OPENAI_TIMEOUT,
+        settings.OPENAI_MAX_RETRIES,
+        settings.OPENAI_MAX_CONNECTIONS,
+        settings.OPENAI_HTTP_BACKEND,
+    )
+
+
+def get_client() -> openai.AsyncOpenAI:
+    """The client for the running event loop, rebuilt if the settings changed."""
+    if not is_configured():
+        raise errors.ServiceNotConfigured()
+    loop = asyncio.get_running_loop()
+    config = _client_config()
+    cached = _clients.get(loop)
+    if cached is not None and cached[0] == config:
+        return cached[1]
+    timeout = httpx2.Timeout(settings.OPENAI_TIMEOUT, connect=min(5.0, settings.OPENAI_TIMEOUT))
+    limits = httpx2.Limits(
+        max_connections=settings.OPENAI_MAX_CONNECTIONS,
+        max_keepalive_connections=settings.OPENAI_MAX_CONNECTIONS,
+    )
+    if settings.OPENAI_HTTP_BACKEND == "aiohttp":
+        http_client = openai.DefaultAioHttpClient(timeout=timeout, limits=limits)
+    else:
+        http_client = openai.DefaultAsyncHttpxClient(timeout=timeout, limits=limits)
+    client = openai.AsyncOpenAI(
+        api_key=settings.OPENAI_API_KEY,
+        base_url=settings.OPENAI_BASE_URL,
+        timeout=timeout,
+        max_retries=0,  # retried by _with_retries, within our deadline
+        http_client=http_client,
+    )
+    _clients[loop] = (config, client)
+    return client
+
+
+async def close_client() -> None:
+    """Close the running loop's client (at server shutdown)."""
+    cached = _clients.pop(asyncio.get_running_loop(), None)
+    if cached is not None:
+        await cached[1].close()
+
+
+_RETRYABLE = (errors.UpstreamUnavailable, errors.UpstreamRateLimited)
+
+
+def _retry_delay(error: errors.UpstreamError, attempt: int) -> float:
+    retry_after = error.extra.get("retry_after")
+    if isinstance(retry_after, int):
+        return float(retry_after)
+    return min(8.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)  # noqa: S311
+
+
+async def _with_retries(call, deadline: float):
+    """Run `call()` until it succeeds, retrying transient upstream failures.
+
+    The SDK's own retries are off: it would sleep for a long Retry-After past our deadline and
+    turn a clear "rate limited, retry in N s" (503) into a timeout (504). Here a retry happens
+    only if its wait fits before the deadline; otherwise the error is raised at once.
+    """
+    attempt = 0
+    while True:
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await call()
+        except BaseException as exc:
+            error = _translate(exc)
+            if not isinstance(error, _RETRYABLE) or attempt >= settings.OPENAI_MAX_RETRIES:
+                _reraise(exc, error)
+            attempt += 1
+            delay = _retry_delay(error, attempt)
+            if asyncio.get_running_loop().time() + delay >= deadline:
+                _reraise(exc, error)
+            logger.info("upstream %s, retry %d in %.1fs", error.code, attempt, delay)
+            await asyncio.sleep(delay)
+
+
+async def complete(*, messages: Sequence[ChatTurn], options: GenerationOptions) -> Completion:
+    """One non-streaming chat completion; OPENAI_TIMEOUT bounds it, retries included."""
+    client = get_client()
+    started = time.monotonic()
+    deadline = asyncio.get_running_loop().time() + settings.OPENAI_TIMEOUT
+    result = await _with_retries(
+        lambda: client.chat.completions.create(
+            messages=list(messages), **options.as_request_kwargs()
+        ),
+        deadline,
+    )
+    latency_ms = int((time.monotonic() - started) * 1000)
+    try:
+        choice = result.choices[0]
+        usage = result.usage
+        return Completion(
+            text=choice.message.content or "",
+            model=result.model or options.model,
+            finish_reason=choice.finish_reason,
+            prompt_tokens=usage.prompt_tokens if usage else None,
+            completion_tokens=usage.completion_tokens if usage else None,
+            latency_ms=latency_ms,
+        )
+    except (AttributeError, IndexError, TypeError) as exc:
+        raise errors.UpstreamBadResponse() from exc
+
+
+async def stream(
+    *, messages: Sequence[ChatTurn], options: GenerationOptions
+) -> AsyncIterator[Delta | Completion]:
+    """Yield the reply as `Delta`s, then one `Completion` with the whole text and the usage.
+
+    OPENAI_TIMEOUT bounds the wait for the stream to start (retries included) and every gap
+    between chunks, not the whole generation. A stream that ends without a finish_reason raises
+    `UpstreamTruncated`.
+    """
+    client = get_client()
+    started = time.monotonic()
+    parts: list[str] = []
+    finish_reason: str | None = None
+    model = options.model
+    usage = None
+    deadline = asyncio.get_running_loop().time() + settings.OPENAI_TIMEOUT
+    response = await _with_retries(
+        lambda: client.chat.completions.create(
+            messages=list(messages),
+            stream=True,
+            stream_options={"include_usage": True},
+            **options.as_request_kwargs(),
+        ),
+        deadline,
+    )
+    try:
+        async with response:
+            iterator = response.__aiter__()
+            while True:
+                try:
+                    async with asyncio.timeout(settings.OPENAI_TIMEOUT):
+                        chunk = await iterator.__anext__()
+                except StopAsyncIteration:
+                    break
+                model = chunk.model or model
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                for choice in chunk.choices:
+                    content = choice.delta.content if choice.delta else None
+                    if content:
+                        parts.append(content)
+                        yield Delta(content)
+                    if choice.finish_reason:
+                        finish_reason = choice.finish_reason
+    except BaseException as exc:
+        _reraise(exc, _translate(exc))
+    if finish_reason is None:
+        raise errors.UpstreamTruncated()
+    yield Completion(
+        text="".join(parts),
+        model=model,
+        finish_reason=finish_reason,
+        prompt_tokens=usage.prompt_tokens if usage else None,
+        completion_tokens=usage.completion_tokens if usage else None,
+        latency_ms=int((time.monotonic() - started) * 1000),
+    )
+
+
+_KEY_SHAPED = re.compile(r"\b(sk|sess|org)-[A-Za-z0-9_\-*.]{4,}")
+
+
+def redact(text: str) -> str:
+    """Remove anything shaped like an API key from an upstream message before we store it."""
+    return _KEY_SHAPED.sub("[redacted]", text)
+
+
+def _upstream_message(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+            return redact(inner["message"])[:500]
+    return f"HTTP {exc.status_code}"
+
+
+def _reraise(exc: BaseException, translated: BaseException) -> typing.NoReturn:
+    if translated is exc:
+        raise exc
+    raise translated from exc
+
+
+def _is_disconnect(exc: BaseException) -> bool:
+    """The aiohttp transport reports every connection error (refused, reset, closed) as a
+    connect timeout; find the real cause so it is not answered as a 504."""
+    seen = exc.__cause__ or exc.__context__
+    while seen is not None:
+        if isinstance(seen, aiohttp.ClientConnectionError) and not isinstance(
+            seen, (aiohttp.ServerTimeoutError, TimeoutError)
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _translate(exc: BaseException) -> BaseException:
+    """Map an SDK/transport exception onto our error family; leave anything else untouched."""
+    if isinstance(exc, errors.ApplicationError):
+        return exc
+    if isinstance(exc, openai.APITimeoutError) and _is_disconnect(exc):
+        return errors.UpstreamUnavailable("The model API closed the connection without answering.")
+    if isinstance(exc, (TimeoutError, openai.APITimeoutError)):
+        return errors.UpstreamTimeout()
+    if isinstance(exc, openai.RateLimitError):
+        retry_after = exc.response.headers.get("retry-after")
+        headers = {"Retry-After": retry_after} if retry_after and retry_after.isdigit() else {}
+        return errors.UpstreamRateLimited(
+            extra={"upstream_status": 429, "retry_after": int(retry_after)} if headers else {},
+            headers=headers,
+        )
+    if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
+        return errors.UpstreamAuthenticationFailed(extra={"upstream_status": exc.status_code})
+    if isinstance(exc, openai.APIStatusError):
+        if exc.status_code >= 500:
+            return errors.UpstreamUnavailable(
+                f"The model API failed with HTTP {exc.status_code}.",
+                extra={"upstream_status": exc.status_code},
+            )
+        return errors.UpstreamRejected(
+            f"The model API rejected the request: {_upstream_message(exc)}",
+            extra={"upstream_status": exc.status_code},
+        )
+    if isinstance(exc, openai.APIResponseValidationError):
+        return errors.UpstreamBadResponse()
+    if isinstance(exc, openai.APIConnectionError):
+        return errors.UpstreamUnavailable("The model API could not be reached.")
+    if isinstance(exc, (openai.OpenAIError, ValueError, httpx2.HTTPError)):
+        # JSON that does not parse, a body of the wrong shape, a stream cut mid-frame.
+        return errors.UpstreamBadResponse()
+    return exc

@@ -1,0 +1,70 @@
+from django.db import models
+from django.utils import timezone
+
+
+class MessageStatus(models.TextChoices):
+    PENDING = "pending", "Pending"
+    STREAMING = "streaming", "Streaming"
+    COMPLETED = "completed", "Completed"
+    FAILED = "failed", "Failed"
+    # The upstream stream ended without a finish_reason: the text is kept but is not whole.
+    TRUNCATED = "truncated", "Truncated"
+    # Our own server stopped while generating: the text so far is kept.
+    INTERRUPTED = "interrupted", "Interrupted"
+
+
+IN_PROGRESS_STATUSES = (MessageStatus.PENDING, MessageStatus.STREAMING)
+
+
+class Message(models.Model):
+    """One exchange: the user's prompt and the model's reply, with what an operator needs."""
+
+    prompt_message = models.TextField()
+    response = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(auto_now=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+
+    status = models.CharField(
+        max_length=16, choices=MessageStatus.choices, default=MessageStatus.PENDING
+    )
+    model = models.CharField(max_length=100)
+    finish_reason = models.CharField(max_length=32, blank=True, default="")
+    prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
+    completion_tokens = models.PositiveIntegerField(null=True, blank=True)
+    latency_ms = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Time spent waiting on the upstream API."
+    )
+    error_code = models.CharField(max_length=64, blank=True, default="")
+    error_message = models.TextField(blank=True, default="")
+
+    # NULL (not "") when absent, so the unique constraint ignores messages without a key.
+    idempotency_key = models.CharField(max_length=255, null=True, blank=True)  # noqa: DJ001
+    request_fingerprint = models.CharField(max_length=64, blank=True, default="")
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        indexes = [
+            models.Index(fields=["created_at", "id"], name="message_created_idx"),
+            models.Index(fields=["status", "updated_at"], name="message_status_idx"),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["idempotency_key"],
+                condition=models.Q(idempotency_key__isnull=False),
+                name="message_unique_idempotency_key",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"Message {self.pk} ({self.status})"
+
+    @property
+    def total_tokens(self) -> int | None:
+        if self.prompt_tokens is None or self.completion_tokens is None:
+            return None
+        return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status not in IN_PROGRESS_STATUSES

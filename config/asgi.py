@@ -1,0 +1,45 @@
+"""ASGI entry point: Django plus the lifespan events Django itself does not handle.
+
+At startup, generations left `pending`/`streaming` by a process that died are marked
+`interrupted`; at shutdown, this process's generations in flight are stopped and stored as
+`interrupted` with their partial text, so no message stays pending forever.
+"""
+
+import logging
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+
+django_application = get_asgi_application()
+
+from chat import services  # noqa: E402  (needs the app registry loaded above)
+
+logger = logging.getLogger(__name__)
+
+
+async def _lifespan(receive, send) -> None:
+    while True:
+        event = await receive()
+        if event["type"] == "lifespan.startup":
+            try:
+                await services.on_server_startup()
+            except Exception as exc:
+                logger.exception("startup failed")
+                await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                return
+            await send({"type": "lifespan.startup.complete"})
+        elif event["type"] == "lifespan.shutdown":
+            try:
+                await services.on_server_shutdown()
+            finally:
+                await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def application(scope, receive, send) -> None:
+    if scope["type"] == "lifespan":
+        await _lifespan(receive, send)
+    else:
+        await django_application(scope, receive, send)
