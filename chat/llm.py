@@ -225,7 +225,13 @@ async def stream(
                     if choice.finish_reason:
                         finish_reason = choice.finish_reason
     except BaseException as exc:
-        _reraise(exc, _translate(exc))
+        translated = _translate(exc)
+        if parts and isinstance(translated, errors.UpstreamError):
+            # Text was already delivered: the reply is cut short, whatever cut it.
+            translated = errors.UpstreamTruncated(
+                f"The reply stream broke off before the reply was finished ({translated.code})."
+            )
+        _reraise(exc, translated)
     if finish_reason is None:
         raise errors.UpstreamTruncated()
     yield Completion(

@@ -198,7 +198,9 @@ async def test_upstream_rejecting_our_key_says_so_without_the_key(async_client, 
     assert "test-key" not in json.dumps(error) and "-key" not in json.dumps(error)
 
 
-async def test_transient_failures_are_retried_within_the_budget(async_client, fake_openai, settings):
+async def test_transient_failures_are_retried_within_the_budget(
+    async_client, fake_openai, settings
+):
     settings.OPENAI_MAX_RETRIES = 2
     fake_openai.fail_next("503", count=1)
     fake_openai.fail_next("drop", count=1)

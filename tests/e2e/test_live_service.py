@@ -1,0 +1,211 @@
+"""The service as users run it: uvicorn in its own process, real sockets, real disconnects,
+real SIGTERM. The OpenAI API is the fake server, reached through OPENAI_BASE_URL."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TEST_API_KEY, parse_sse
+from tests.fake_openai import FakeOpenAI
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class LiveService:
+    port: int
+    process: subprocess.Popen
+    db_path: Path
+    log_path: Path
+
+    def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        payload = json.dumps(body) if body is not None else None
+        conn.request(method, path, payload, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        data = json.loads(response.read() or b"null")
+        conn.close()
+        return response.status, data
+
+    def open_stream(
+        self, body: dict
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        conn.request(
+            "POST",
+            "/api/messages/create/",
+            json.dumps({**body, "stream": True}),
+            {"Content-Type": "application/json"},
+        )
+        return conn, conn.getresponse()
+
+    def stored(self, message_id: int) -> dict:
+        with sqlite3.connect(self.db_path) as db:
+            db.row_factory = sqlite3.Row
+            row = db.execute("SELECT * FROM chat_message WHERE id = ?", (message_id,)).fetchone()
+            return dict(row)
+
+
+def read_event(response: http.client.HTTPResponse) -> tuple[str, dict]:
+    name, data = "", ""
+    while True:
+        line = response.fp.readline().decode()
+        if not line:
+            raise EOFError
+        if line.startswith("event:"):
+            name = line.split(":", 1)[1].strip()
+        elif line.startswith("data:"):
+            data = line.split(":", 1)[1].strip()
+        elif line == "\n" and data:
+            return name, json.loads(data)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI() as server:
+        yield server
+
+
+@pytest.fixture
+def live_service(tmp_path, fake) -> Iterator[LiveService]:
+    port = free_port()
+    db_path = tmp_path / "db.sqlite3"
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"sqlite:///{db_path}",
+        "OPENAI_API_KEY": TEST_API_KEY,
+        "OPENAI_BASE_URL": fake.url,
+        "OPENAI_MAX_RETRIES": "0",
+        "CHAT_STREAM_SAVE_INTERVAL": "0.1",
+        "DJANGO_SETTINGS_MODULE": "config.settings",
+    }
+    subprocess.run([BIN / "python", "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
+    log_path = tmp_path / "service.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [
+                BIN / "uvicorn",
+                "config.asgi:application",
+                "--port",
+                str(port),
+                "--loop",
+                "uvloop",
+                "--http",
+                "httptools",
+                "--no-access-log",
+                "--timeout-graceful-shutdown",
+                "1",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    service = LiveService(port, process, db_path, log_path)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            if service.request("GET", "/api/messages/")[0] == 200:
+                break
+        except OSError:
+            pass
+        assert process.poll() is None, log_path.read_text()
+        assert time.monotonic() < deadline, log_path.read_text()
+        time.sleep(0.1)
+    yield service
+    if process.poll() is None:
+        process.terminate()
+        process.wait(timeout=15)
+
+
+def test_the_contract_over_real_http(live_service):
+    status, created = live_service.request(
+        "POST", "/api/messages/create/", {"prompt_message": "Привет!"}
+    )
+    assert status == 201
+    assert created["prompt_message"] == "Привет!" and created["response"] == "Echo: Привет!"
+    status, listing = live_service.request("GET", "/api/messages/")
+    assert status == 200 and listing["count"] == 1
+    assert listing["results"][0]["id"] == created["id"]
+
+
+def test_a_client_that_disconnects_after_the_first_delta_still_gets_a_stored_reply(
+    live_service, fake
+):
+    fake.latency = 1.0
+    fake.stream_chunks = 10
+    conn, response = live_service.open_stream({"prompt_message": "do not lose me please"})
+    assert response.status == 200
+    name, start = read_event(response)
+    assert name == "start"
+    name, _ = read_event(response)
+    assert name == "delta"
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+
+    deadline = time.monotonic() + 10
+    while True:
+        status, message = live_service.request("GET", f"/api/messages/{start['id']}/")
+        if message["status"] != "streaming" and message["status"] != "pending":
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert message["status"] == "completed"
+    assert message["response"] == "Echo: do not lose me please"
+    assert message["usage"]["completion_tokens"] > 0
+
+
+def test_reattach_from_another_connection_replays_and_follows(live_service, fake):
+    fake.latency = 1.0
+    fake.stream_chunks = 10
+    conn, response = live_service.open_stream({"prompt_message": "watch me from two places"})
+    _, start = read_event(response)
+    read_event(response)  # first delta
+
+    other = http.client.HTTPConnection("127.0.0.1", live_service.port, timeout=30)
+    other.request("GET", f"/api/messages/{start['id']}/stream/")
+    events = parse_sse(other.getresponse().read().decode())
+    conn.close()
+
+    text = "".join(e.data["content"] for e in events if e.event == "delta")
+    assert text == "Echo: watch me from two places"
+    assert events[-1].event == "message" and events[-1].data["status"] == "completed"
+
+
+def test_sigterm_marks_generations_in_flight_interrupted_with_their_partial_text(
+    live_service, fake
+):
+    fake.latency = 20.0
+    fake.stream_chunks = 20
+    conn, response = live_service.open_stream({"prompt_message": "a long answer follows here"})
+    _, start = read_event(response)
+    _, delta = read_event(response)
+
+    live_service.process.send_signal(signal.SIGTERM)
+    live_service.process.wait(timeout=20)
+    conn.close()
+
+    stored = live_service.stored(start["id"])
+    assert stored["status"] == "interrupted", live_service.log_path.read_text()
+    assert stored["response"].startswith(delta["content"])
+    assert stored["error_code"] == "generation_interrupted"
