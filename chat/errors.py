@@ -55,6 +55,12 @@ class IdempotencyKeyInUse(ApplicationError):
     )
 
 
+class MessageInProgress(ApplicationError):
+    status_code = 409
+    code = "message_in_progress"
+    default_message = "The message's reply is still being generated; wait for it to finish."
+
+
 class IdempotencyKeyMismatch(ApplicationError):
     status_code = 422
     code = "idempotency_key_reused"

@@ -16,9 +16,33 @@ class MessageStatus(models.TextChoices):
 IN_PROGRESS_STATUSES = (MessageStatus.PENDING, MessageStatus.STREAMING)
 
 
+class Conversation(models.Model):
+    """A multi-turn chat. Its settings apply to every message unless a request overrides them."""
+
+    title = models.CharField(max_length=200, blank=True, default="")
+    system_prompt = models.TextField(blank=True, default="")
+    # Blank means the server default (OPENAI_MODEL); nulls mean the model's own defaults.
+    model = models.CharField(max_length=100, blank=True, default="")
+    temperature = models.FloatField(null=True, blank=True)
+    max_tokens = models.PositiveIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    # Bumped by every new message: the list shows the newest activity first.
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-updated_at", "-id"]
+        indexes = [models.Index(fields=["-updated_at", "-id"], name="conversation_activity_idx")]
+
+    def __str__(self) -> str:
+        return self.title or f"Conversation {self.pk}"
+
+
 class Message(models.Model):
     """One exchange: the user's prompt and the model's reply, with what an operator needs."""
 
+    conversation = models.ForeignKey(
+        Conversation, on_delete=models.CASCADE, related_name="messages"
+    )
     prompt_message = models.TextField()
     response = models.TextField(blank=True, default="")
     created_at = models.DateTimeField(default=timezone.now)
@@ -29,6 +53,8 @@ class Message(models.Model):
         max_length=16, choices=MessageStatus.choices, default=MessageStatus.PENDING
     )
     model = models.CharField(max_length=100)
+    temperature = models.FloatField(null=True, blank=True)
+    max_tokens = models.PositiveIntegerField(null=True, blank=True)
     finish_reason = models.CharField(max_length=32, blank=True, default="")
     prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
     completion_tokens = models.PositiveIntegerField(null=True, blank=True)
@@ -37,6 +63,14 @@ class Message(models.Model):
     )
     error_code = models.CharField(max_length=64, blank=True, default="")
     error_message = models.TextField(blank=True, default="")
+
+    # Ids of the earlier turns of the conversation that were sent as context, oldest first.
+    context_message_ids = models.JSONField(default=list, blank=True)
+    # Token counts of the prompt and the reply text alone, cached for building later contexts.
+    prompt_token_count = models.PositiveIntegerField(null=True, blank=True)
+    response_token_count = models.PositiveIntegerField(null=True, blank=True)
+    # Earlier replies replaced by "regenerate", oldest first.
+    previous_replies = models.JSONField(default=list, blank=True)
 
     # NULL (not "") when absent, so the unique constraint ignores messages without a key.
     idempotency_key = models.CharField(max_length=255, null=True, blank=True)  # noqa: DJ001
@@ -47,6 +81,7 @@ class Message(models.Model):
         indexes = [
             models.Index(fields=["created_at", "id"], name="message_created_idx"),
             models.Index(fields=["status", "updated_at"], name="message_status_idx"),
+            models.Index(fields=["conversation", "id"], name="message_conversation_idx"),
         ]
         constraints = [
             models.UniqueConstraint(

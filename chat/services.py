@@ -21,21 +21,23 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import IntegrityError
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from chat import db, llm, selectors, streams
-from chat.context import build_turns
+from chat.context import build_context
 from chat.errors import (
     ApplicationError,
     GenerationInterrupted,
     IdempotencyKeyMismatch,
     InternalError,
+    InvalidRequest,
+    MessageInProgress,
     ServiceNotConfigured,
     UpstreamTruncated,
     error_for_stored_message,
 )
-from chat.models import IN_PROGRESS_STATUSES, Message, MessageStatus
+from chat.models import IN_PROGRESS_STATUSES, Conversation, Message, MessageStatus
 from chat.streams import Finished, GenerationEvent, TextDelta
 
 logger = logging.getLogger(__name__)
@@ -51,28 +53,191 @@ class StartedMessage:
 # --- Writes (sync; run on database threads through chat.db) ----------------------------------
 
 
-def _insert_prompt(
-    *, prompt: str, model: str, idempotency_key: str | None, fingerprint: str
-) -> tuple[Message, bool]:
+TITLE_LENGTH = 60
+
+
+def auto_title(prompt: str) -> str:
+    """A conversation title cut from its first prompt, at a word boundary."""
+    text = " ".join(prompt.split())
+    if len(text) <= TITLE_LENGTH:
+        return text
+    cut = text[:TITLE_LENGTH].rsplit(" ", 1)[0] or text[:TITLE_LENGTH]
+    return cut + "…"
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    message: Message
+    created: bool
+    turns: list[llm.ChatTurn]
+    options: llm.GenerationOptions
+    new_conversation: bool
+
+
+def _resolve_options(
+    conversation: Conversation | None,
+    *,
+    model: str | None,
+    temperature: float | None,
+    max_tokens: int | None,
+) -> llm.GenerationOptions:
+    """The request's values, else the conversation's, else the server's defaults."""
+    return llm.GenerationOptions(
+        model=model or (conversation and conversation.model) or settings.OPENAI_MODEL,
+        temperature=temperature
+        if temperature is not None
+        else conversation and conversation.temperature,
+        max_tokens=max_tokens
+        if max_tokens is not None
+        else conversation and conversation.max_tokens,
+    )
+
+
+def _conversation_for_request(conversation_id: int) -> Conversation:
     try:
-        message = Message.objects.create(
-            prompt_message=prompt,
-            model=model,
-            status=MessageStatus.PENDING,
-            idempotency_key=idempotency_key,
-            request_fingerprint=fingerprint,
+        return Conversation.objects.get(pk=conversation_id)
+    except Conversation.DoesNotExist:
+        raise InvalidRequest(
+            f"Conversation {conversation_id} does not exist.",
+            extra={"fields": {"conversation": [f"Conversation {conversation_id} does not exist."]}},
+        ) from None
+
+
+def _prepare_message(
+    *,
+    prompt: str,
+    conversation_id: int | None,
+    model: str | None,
+    temperature: float | None,
+    max_tokens: int | None,
+    idempotency_key: str | None,
+) -> _Prepared:
+    """Store the prompt (and a new conversation if none was given) and build its context."""
+    conversation = _conversation_for_request(conversation_id) if conversation_id else None
+    options = _resolve_options(
+        conversation, model=model, temperature=temperature, max_tokens=max_tokens
+    )
+    fingerprint = request_fingerprint(
+        prompt=prompt, conversation_id=conversation_id, options=options
+    )
+    system_prompt = conversation.system_prompt if conversation else ""
+    if conversation is not None:
+        context = build_context(
+            conversation_id=conversation.pk,
+            prompt=prompt,
+            model=options.model,
+            system_prompt=system_prompt,
         )
+        turns, context_ids = context.turns, context.message_ids
+    else:
+        turns, context_ids = [{"role": "user", "content": prompt}], []
+    try:
+        with transaction.atomic():
+            now = timezone.now()
+            if conversation is None:
+                conversation = Conversation.objects.create(
+                    title=auto_title(prompt), created_at=now, updated_at=now
+                )
+            else:
+                Conversation.objects.filter(pk=conversation.pk).update(updated_at=now)
+            message = Message.objects.create(
+                conversation=conversation,
+                prompt_message=prompt,
+                created_at=now,
+                model=options.model,
+                temperature=options.temperature,
+                max_tokens=options.max_tokens,
+                status=MessageStatus.PENDING,
+                context_message_ids=context_ids,
+                idempotency_key=idempotency_key,
+                request_fingerprint=fingerprint,
+            )
     except IntegrityError:
         if idempotency_key is None:
             raise
-        return Message.objects.get(idempotency_key=idempotency_key), False
-    return message, True
+        existing = Message.objects.get(idempotency_key=idempotency_key)
+        if existing.request_fingerprint != fingerprint:
+            raise IdempotencyKeyMismatch(extra={"message_id": existing.pk}) from None
+        return _Prepared(existing, False, [], options, False)
+    return _Prepared(message, True, turns, options, conversation_id is None)
+
+
+def _prepare_regeneration(
+    *,
+    message_id: int,
+    model: str | None,
+    temperature: float | None,
+    max_tokens: int | None,
+) -> _Prepared:
+    """Archive the current reply and reset the message for a new generation."""
+    with transaction.atomic():
+        message = selectors.message_get(message_id=message_id, for_update=True)
+        if not message.is_finished:
+            raise MessageInProgress(extra={"message_id": message.pk})
+        conversation = message.conversation
+        options = _resolve_options(
+            None,
+            model=model or message.model or conversation.model,
+            temperature=temperature if temperature is not None else message.temperature,
+            max_tokens=max_tokens if max_tokens is not None else message.max_tokens,
+        )
+        context = build_context(
+            conversation_id=conversation.pk,
+            prompt=message.prompt_message,
+            model=options.model,
+            system_prompt=conversation.system_prompt,
+            before_id=message.pk,
+        )
+        message.previous_replies = [*message.previous_replies, _archived_reply(message)]
+        message.response = ""
+        message.status = MessageStatus.PENDING
+        message.model = options.model
+        message.temperature = options.temperature
+        message.max_tokens = options.max_tokens
+        message.finish_reason = ""
+        message.prompt_tokens = message.completion_tokens = message.latency_ms = None
+        message.response_token_count = None
+        message.error_code = message.error_message = ""
+        message.completed_at = None
+        message.context_message_ids = context.message_ids
+        message.save()
+        Conversation.objects.filter(pk=conversation.pk).update(updated_at=timezone.now())
+    return _Prepared(message, True, context.turns, options, False)
+
+
+def _archived_reply(message: Message) -> dict:
+    return {
+        "response": message.response,
+        "status": message.status,
+        "model": message.model,
+        "finish_reason": message.finish_reason,
+        "prompt_tokens": message.prompt_tokens,
+        "completion_tokens": message.completion_tokens,
+        "error_code": message.error_code,
+        "completed_at": message.completed_at.isoformat() if message.completed_at else None,
+    }
 
 
 def _record_partial(message: Message, text: str) -> None:
     message.response = text
     message.status = MessageStatus.STREAMING
     message.save(update_fields=["response", "status", "updated_at"])
+
+
+# update_fields everywhere: a row deleted meanwhile is an error, never silently re-inserted.
+_OUTCOME_FIELDS = [
+    "response",
+    "status",
+    "model",
+    "finish_reason",
+    "prompt_tokens",
+    "completion_tokens",
+    "latency_ms",
+    "error_code",
+    "error_message",
+    "completed_at",
+    "updated_at",
+]
 
 
 def _record_completion(message: Message, completion: llm.Completion) -> None:
@@ -86,7 +251,7 @@ def _record_completion(message: Message, completion: llm.Completion) -> None:
     message.error_code = ""
     message.error_message = ""
     message.completed_at = timezone.now()
-    message.save()
+    message.save(update_fields=_OUTCOME_FIELDS)
 
 
 def _record_failure(
@@ -98,10 +263,37 @@ def _record_failure(
     message.error_message = error.message
     message.latency_ms = latency_ms
     message.completed_at = timezone.now()
-    message.save()
+    message.save(update_fields=_OUTCOME_FIELDS)
 
 
 # --- Generation -------------------------------------------------------------------------------
+
+
+async def _produce(
+    generation: streams.Generation,
+    message: Message,
+    turns: list[llm.ChatTurn],
+    options: llm.GenerationOptions,
+    stream: bool,
+) -> llm.Completion:
+    """Call the model; publish the text to followers, saving partial text at an interval."""
+    if not stream:
+        completion = await llm.complete(messages=turns, options=options)
+        generation.publish(completion.text)
+        return completion
+    completion: llm.Completion | None = None
+    last_saved: float | None = None
+    async for event in llm.stream(messages=turns, options=options):
+        if isinstance(event, llm.Delta):
+            generation.publish(event.text)
+            now = time.monotonic()
+            if last_saved is None or now - last_saved >= settings.CHAT_STREAM_SAVE_INTERVAL:
+                last_saved = now
+                await db.run(_record_partial, message, generation.text)
+        else:
+            completion = event
+    assert completion is not None
+    return completion
 
 
 async def _generate(
@@ -110,70 +302,114 @@ async def _generate(
     turns: list[llm.ChatTurn],
     options: llm.GenerationOptions,
     stream: bool,
+    *,
+    title_conversation: bool = False,
 ) -> None:
+    """Produce the reply and store the outcome. Whatever happens, the message ends in a final
+    status and every follower gets `Finished`."""
     started = time.monotonic()
-
-    def elapsed_ms() -> int:
-        return int((time.monotonic() - started) * 1000)
-
+    error: ApplicationError | None = None
+    status = MessageStatus.FAILED
+    cancelled = False
+    completion: llm.Completion | None = None
     try:
-        completion: llm.Completion | None = None
-        if stream:
-            last_saved: float | None = None
-            async for event in llm.stream(messages=turns, options=options):
-                if isinstance(event, llm.Delta):
-                    generation.publish(event.text)
-                    now = time.monotonic()
-                    if last_saved is None or now - last_saved >= settings.CHAT_STREAM_SAVE_INTERVAL:
-                        last_saved = now
-                        await db.run(_record_partial, message, generation.text)
-                else:
-                    completion = event
-        else:
-            completion = await llm.complete(messages=turns, options=options)
-            generation.publish(completion.text)
-        assert completion is not None
-        await db.run(_record_completion, message, completion)
-        generation.finish(Finished(message))
+        completion = await _produce(generation, message, turns, options, stream)
     except ApplicationError as exc:
-        status = (
-            MessageStatus.TRUNCATED if isinstance(exc, UpstreamTruncated) else MessageStatus.FAILED
-        )
-        exc.extra["message_id"] = message.pk
-        await db.run(_record_failure, message, exc, generation.text, status, elapsed_ms())
-        generation.finish(Finished(message, exc))
+        error = exc
+        if isinstance(exc, UpstreamTruncated):
+            status = MessageStatus.TRUNCATED
     except asyncio.CancelledError:
-        error = GenerationInterrupted(extra={"message_id": message.pk})
-        await db.run(
-            _record_failure,
-            message,
-            error,
-            generation.text,
-            MessageStatus.INTERRUPTED,
-            elapsed_ms(),
-        )
-        generation.finish(Finished(message, error))
-        raise
+        cancelled = True
+        error, status = GenerationInterrupted(), MessageStatus.INTERRUPTED
     except Exception:  # a bug of ours: still never leave the message pending
         logger.exception("generation of message %s failed", message.pk)
-        error = InternalError(extra={"message_id": message.pk})
-        await db.run(
-            _record_failure, message, error, generation.text, MessageStatus.FAILED, elapsed_ms()
-        )
+        error = InternalError()
+
+    try:
+        if error is None:
+            assert completion is not None
+            await db.run(_record_completion, message, completion)
+        else:
+            error.extra["message_id"] = message.pk
+            latency_ms = int((time.monotonic() - started) * 1000)
+            await db.run(_record_failure, message, error, generation.text, status, latency_ms)
+    except Exception:
+        logger.exception("could not store the outcome of message %s", message.pk)
+        error = error or InternalError(extra={"message_id": message.pk})
+    finally:
         generation.finish(Finished(message, error))
 
+    if cancelled:
+        raise asyncio.CancelledError
+    if error is None and title_conversation:
+        await _title_from_model(message)
 
-def request_fingerprint(*, prompt: str, options: llm.GenerationOptions) -> str:
+
+TITLE_INSTRUCTION = (
+    "Write a title of at most six words for a conversation that starts with the message "
+    "below. Answer with the title only, no quotes."
+)
+
+
+def _set_generated_title(conversation_id: int, expected: str, title: str) -> None:
+    # Only if nobody renamed the conversation in the meantime.
+    Conversation.objects.filter(pk=conversation_id, title=expected).update(title=title)
+
+
+async def _title_from_model(message: Message) -> None:
+    """Best effort: a failure leaves the title cut from the prompt."""
+    try:
+        completion = await llm.complete(
+            messages=[
+                {"role": "system", "content": TITLE_INSTRUCTION},
+                {"role": "user", "content": message.prompt_message[:2000]},
+            ],
+            options=llm.GenerationOptions(model=settings.OPENAI_MODEL, max_tokens=20),
+        )
+    except ApplicationError as exc:
+        logger.info("title generation failed: %s", exc.code)
+        return
+    title = " ".join(completion.text.strip().strip('"').split())[:200]
+    if title:
+        await db.run(
+            _set_generated_title,
+            message.conversation_id,
+            auto_title(message.prompt_message),
+            title,
+        )
+
+
+def request_fingerprint(
+    *, prompt: str, conversation_id: int | None, options: llm.GenerationOptions
+) -> str:
     """What makes two requests "the same" for Idempotency-Key purposes."""
     canonical = json.dumps(
-        {"prompt": prompt, **options.as_request_kwargs()}, sort_keys=True, ensure_ascii=False
+        {"prompt": prompt, "conversation": conversation_id, **options.as_request_kwargs()},
+        sort_keys=True,
+        ensure_ascii=False,
     )
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _launch(prepared: _Prepared, *, stream: bool) -> None:
+    message = prepared.message
+    streams.start(
+        message.pk,
+        lambda generation: _generate(
+            generation,
+            message,
+            prepared.turns,
+            prepared.options,
+            stream,
+            title_conversation=prepared.new_conversation and settings.CHAT_TITLE_FROM_MODEL,
+        ),
+    )
 
 
 async def start_message(
     *,
     prompt: str,
+    conversation_id: int | None = None,
     model: str | None = None,
     temperature: float | None = None,
     max_tokens: int | None = None,
@@ -182,33 +418,49 @@ async def start_message(
 ) -> StartedMessage:
     """Store the prompt and start generating the reply in the background.
 
-    With an `idempotency_key` already used by an earlier request with the same body, the earlier
-    message is returned (`replayed=True`) and nothing new is started; with a different body,
+    Without `conversation_id` a new conversation is started. With an `idempotency_key` already
+    used by an earlier request with the same body, the earlier message is returned
+    (`replayed=True`) and nothing new is started; with a different body,
     `IdempotencyKeyMismatch` is raised.
     """
     if not llm.is_configured():
         raise ServiceNotConfigured()
-    options = llm.GenerationOptions(
-        model=model or settings.OPENAI_MODEL, temperature=temperature, max_tokens=max_tokens
-    )
-    fingerprint = request_fingerprint(prompt=prompt, options=options)
-    message, created = await db.run(
-        _insert_prompt,
+    prepared = await db.run(
+        _prepare_message,
         prompt=prompt,
-        model=options.model,
+        conversation_id=conversation_id,
+        model=model,
+        temperature=temperature,
+        max_tokens=max_tokens,
         idempotency_key=idempotency_key,
-        fingerprint=fingerprint,
     )
-    if not created:
-        if message.request_fingerprint != fingerprint:
-            raise IdempotencyKeyMismatch(extra={"message_id": message.pk})
-        return StartedMessage(message=message, replayed=True)
-    turns = build_turns(message)
-    streams.start(
-        message.pk,
-        lambda generation: _generate(generation, message, turns, options, stream),
+    if not prepared.created:
+        return StartedMessage(message=prepared.message, replayed=True)
+    _launch(prepared, stream=stream)
+    return StartedMessage(message=prepared.message, replayed=False)
+
+
+async def regenerate_message(
+    *,
+    message_id: int,
+    model: str | None = None,
+    temperature: float | None = None,
+    max_tokens: int | None = None,
+    stream: bool = False,
+) -> Message:
+    """Ask the model again for a stored prompt with the same context; the reply it replaces
+    (or the failure) is kept in `previous_replies`. Also the way to retry a failed message."""
+    if not llm.is_configured():
+        raise ServiceNotConfigured()
+    prepared = await db.run(
+        _prepare_regeneration,
+        message_id=message_id,
+        model=model,
+        temperature=temperature,
+        max_tokens=max_tokens,
     )
-    return StartedMessage(message=message, replayed=False)
+    _launch(prepared, stream=stream)
+    return prepared.message
 
 
 async def wait_for_message(*, message_id: int) -> Message:
@@ -251,6 +503,58 @@ async def follow_message(*, message_id: int) -> AsyncIterator[GenerationEvent]:
             return
         await asyncio.sleep(settings.CHAT_STREAM_SAVE_INTERVAL)
         message = await db.run(selectors.message_get, message_id=message_id)
+
+
+# --- Conversations ----------------------------------------------------------------------------
+
+CONVERSATION_FIELDS = ("title", "system_prompt", "model", "temperature", "max_tokens")
+
+
+def conversation_create(
+    *,
+    title: str = "",
+    system_prompt: str = "",
+    model: str = "",
+    temperature: float | None = None,
+    max_tokens: int | None = None,
+) -> Conversation:
+    now = timezone.now()
+    return Conversation.objects.create(
+        title=title,
+        system_prompt=system_prompt,
+        model=model,
+        temperature=temperature,
+        max_tokens=max_tokens,
+        created_at=now,
+        updated_at=now,
+    )
+
+
+def conversation_update(*, conversation: Conversation, **changes: object) -> Conversation:
+    """Rename, or change the system prompt, model or generation parameters."""
+    unknown = set(changes) - set(CONVERSATION_FIELDS)
+    if unknown:
+        raise InvalidRequest(f"Unknown conversation fields: {', '.join(sorted(unknown))}.")
+    for field, value in changes.items():
+        setattr(conversation, field, value)
+    if changes:
+        conversation.updated_at = timezone.now()
+        conversation.save(update_fields=[*changes, "updated_at"])
+    return conversation
+
+
+def conversation_delete(*, conversation: Conversation) -> None:
+    """Delete a conversation with its messages; refused while one is still generating."""
+    busy = conversation.messages.filter(status__in=IN_PROGRESS_STATUSES).values_list(
+        "id", flat=True
+    )
+    in_flight = [pk for pk in busy if streams.get(pk) is not None]
+    if in_flight:
+        raise MessageInProgress(
+            "A reply in this conversation is still being generated; delete it when it ends.",
+            extra={"message_id": in_flight[0]},
+        )
+    conversation.delete()
 
 
 # --- Process lifecycle ------------------------------------------------------------------------

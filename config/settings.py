@@ -117,8 +117,26 @@ OPENAI_MAX_CONNECTIONS = env.int("OPENAI_MAX_CONNECTIONS", default=2000)
 # HTTP transport under the SDK: "aiohttp" (measured faster, see BENCHMARKS.md) or "httpx".
 OPENAI_HTTP_BACKEND = env.str("OPENAI_HTTP_BACKEND", default="aiohttp")
 
+# Models a request (or a conversation) may choose; the default model is always allowed.
+OPENAI_ALLOWED_MODELS = sorted(
+    set(env.list("OPENAI_ALLOWED_MODELS", default=["gpt-3.5-turbo", "gpt-4o-mini", "gpt-4o"]))
+    | {OPENAI_MODEL}
+)
+
 # --- Chat behaviour ---------------------------------------------------------------------------
 CHAT_MAX_PROMPT_CHARS = env.int("CHAT_MAX_PROMPT_CHARS", default=32000)
+# Upper bound for a request's `max_tokens` (the reply length a client may ask for).
+CHAT_MAX_COMPLETION_TOKENS = env.int("CHAT_MAX_COMPLETION_TOKENS", default=4096)
+# Tokens of context (system prompt + earlier turns + new prompt) sent per request; older turns
+# are dropped first. Per-model overrides: CHAT_CONTEXT_TOKEN_BUDGETS=gpt-4o=32000,gpt-4o-mini=16000
+CHAT_CONTEXT_TOKEN_BUDGET = env.int("CHAT_CONTEXT_TOKEN_BUDGET", default=4000)
+CHAT_CONTEXT_TOKEN_BUDGETS = {
+    model: int(budget)
+    for model, budget in env.dict("CHAT_CONTEXT_TOKEN_BUDGETS", default={}).items()
+}
+# Conversation titles are cut from the first prompt; with this on, the model writes them
+# (one extra, short model call per new conversation).
+CHAT_TITLE_FROM_MODEL = env.bool("CHAT_TITLE_FROM_MODEL", default=False)
 # A streaming reply's partial text is written to the database at most this often (seconds).
 CHAT_STREAM_SAVE_INTERVAL = env.float("CHAT_STREAM_SAVE_INTERVAL", default=1.0)
 # At startup, generations not updated for this long are marked interrupted (their process died).
@@ -135,6 +153,8 @@ REST_FRAMEWORK = {
     "PAGE_SIZE": 20,
     "EXCEPTION_HANDLER": "chat.api.errors.exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # `?format=` belongs to the export endpoint (json|markdown), not to renderer selection.
+    "URL_FORMAT_OVERRIDE": None,
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "Chat API",

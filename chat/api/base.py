@@ -1,5 +1,7 @@
 """An async APIView: DRF's request parsing, negotiation, permissions and exception handling,
-with `async def` handlers awaited on the event loop.
+with `async def` handlers awaited on the event loop and plain `def` handlers (DRF generics,
+anything that uses the ORM) run on the database threads of `chat.db`, so every view of the API
+holds no thread while it waits and shares the same few database connections.
 
 Why not adrf: its dispatch runs DRF's `initial()` through `sync_to_async`, a hop to a
 per-request thread on every call, which costs more server CPU per chat than the rest of the
@@ -17,8 +19,12 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from chat import db
+
 
 class AsyncAPIView(APIView):
+    view_is_async = True  # dispatch is a coroutine whatever the handlers are
+
     async def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
         self.args = args
         self.kwargs = kwargs
@@ -33,9 +39,10 @@ class AsyncAPIView(APIView):
                 if method in self.http_method_names
                 else self.http_method_not_allowed
             )
-            response = handler(request, *args, **kwargs)
-            if inspect.isawaitable(response):
-                response = await response
+            if inspect.iscoroutinefunction(handler):
+                response = await handler(request, *args, **kwargs)
+            else:
+                response = await db.run(handler, request, *args, **kwargs)
         except Exception as exc:
             response = self.handle_exception(exc)
         self.response = self.finalize_response(request, response, *args, **kwargs)

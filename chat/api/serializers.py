@@ -6,7 +6,7 @@ from django.conf import settings
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from chat.models import Message
+from chat.models import Conversation, Message
 
 
 class StrictCharField(serializers.CharField):
@@ -29,7 +29,62 @@ class StrictBooleanField(serializers.BooleanField):
         return data
 
 
-class MessageCreateSerializer(serializers.Serializer):
+class StrictIntegerField(serializers.IntegerField):
+    default_error_messages = {"invalid": "Must be an integer."}
+
+    def to_internal_value(self, data: Any) -> int:
+        if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictFloatField(serializers.FloatField):
+    default_error_messages = {"invalid": "Must be a number."}
+
+    def to_internal_value(self, data: Any) -> float:
+        if isinstance(data, bool) or not isinstance(data, (int, float)):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class GenerationSettingsMixin(serializers.Serializer):
+    """`model`, `temperature`, `max_tokens`, checked against the server's allow-list/ranges."""
+
+    model = StrictCharField(
+        required=False,
+        allow_blank=False,
+        max_length=100,
+        help_text="One of OPENAI_ALLOWED_MODELS; default: the conversation's, else OPENAI_MODEL.",
+    )
+    temperature = StrictFloatField(
+        required=False, allow_null=True, min_value=0.0, max_value=2.0, help_text="0 to 2."
+    )
+    max_tokens = StrictIntegerField(
+        required=False,
+        allow_null=True,
+        min_value=1,
+        help_text="Longest reply in tokens, 1 to CHAT_MAX_COMPLETION_TOKENS.",
+    )
+
+    def validate_model(self, value: str) -> str:
+        if value not in settings.OPENAI_ALLOWED_MODELS:
+            allowed = ", ".join(settings.OPENAI_ALLOWED_MODELS)
+            raise serializers.ValidationError(
+                f"Model {value!r} is not allowed on this server; choose one of: {allowed}.",
+                code="not_allowed",
+            )
+        return value
+
+    def validate_max_tokens(self, value: int | None) -> int | None:
+        limit = settings.CHAT_MAX_COMPLETION_TOKENS
+        if value is not None and value > limit:
+            raise serializers.ValidationError(
+                f"Ensure this value is less than or equal to {limit}.", code="max_value"
+            )
+        return value
+
+
+class MessageCreateSerializer(GenerationSettingsMixin, serializers.Serializer):
     prompt_message = StrictCharField(
         trim_whitespace=False,
         help_text="The text to send to the model: a non-blank JSON string, at most "
@@ -39,6 +94,13 @@ class MessageCreateSerializer(serializers.Serializer):
         required=False,
         default=False,
         help_text="Stream the reply as Server-Sent Events instead of answering 201 at the end.",
+    )
+    conversation = StrictIntegerField(
+        required=False,
+        allow_null=True,
+        min_value=1,
+        help_text="Continue this conversation (its earlier turns are sent as context). "
+        "Without it a new conversation is started; its id comes back as `conversation`.",
     )
 
     def validate_prompt_message(self, value: str) -> str:
@@ -76,13 +138,18 @@ class MessageSerializer(serializers.ModelSerializer):
             "prompt_message",
             "response",
             "created_at",
+            "conversation",
             "status",
             "model",
+            "temperature",
+            "max_tokens",
             "finish_reason",
             "usage",
             "latency_ms",
             "error",
             "completed_at",
+            "context_message_ids",
+            "previous_replies",
         ]
         read_only_fields = fields
 
@@ -108,3 +175,46 @@ class PaginatedMessageSerializer(serializers.Serializer):
     next = serializers.URLField(allow_null=True)
     previous = serializers.URLField(allow_null=True)
     results = MessageSerializer(many=True)
+
+
+class RegenerateSerializer(GenerationSettingsMixin, serializers.Serializer):
+    stream = StrictBooleanField(required=False, default=False)
+
+
+class ConversationSerializer(GenerationSettingsMixin, serializers.ModelSerializer):
+    title = StrictCharField(required=False, allow_blank=True, max_length=200)
+    system_prompt = StrictCharField(
+        required=False, allow_blank=True, trim_whitespace=False, max_length=32000
+    )
+    model = StrictCharField(
+        required=False,
+        allow_blank=True,
+        max_length=100,
+        help_text="One of OPENAI_ALLOWED_MODELS; blank: the server default (OPENAI_MODEL).",
+    )
+
+    class Meta:
+        model = Conversation
+        fields = [
+            "id",
+            "title",
+            "system_prompt",
+            "model",
+            "temperature",
+            "max_tokens",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = ["id", "created_at", "updated_at"]
+
+    def validate_model(self, value: str) -> str:
+        return value and super().validate_model(value)
+
+
+class PaginatedConversationSerializer(serializers.Serializer):
+    """The list envelope (schema only)."""
+
+    count = serializers.IntegerField()
+    next = serializers.URLField(allow_null=True)
+    previous = serializers.URLField(allow_null=True)
+    results = ConversationSerializer(many=True)

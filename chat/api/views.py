@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from django.http import HttpResponseBase
+from django.http import HttpResponse, HttpResponseBase
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
     OpenApiExample,
@@ -15,14 +15,17 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from chat import db, selectors, services
+from chat import db, exports, selectors, services
 from chat.api import sse
 from chat.api.base import AsyncAPIView
 from chat.api.pagination import MessagePagination
 from chat.api.serializers import (
+    ConversationSerializer,
     MessageCreateSerializer,
     MessageSerializer,
+    PaginatedConversationSerializer,
     PaginatedMessageSerializer,
+    RegenerateSerializer,
 )
 from chat.errors import InvalidRequest
 
@@ -117,7 +120,14 @@ class MessageCreateView(AsyncAPIView):
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         key = _idempotency_key(request)
-        fields = {"prompt": data["prompt_message"], "idempotency_key": key}
+        fields = {
+            "prompt": data["prompt_message"],
+            "conversation_id": data.get("conversation"),
+            "model": data.get("model"),
+            "temperature": data.get("temperature"),
+            "max_tokens": data.get("max_tokens"),
+            "idempotency_key": key,
+        }
         if _wants_stream(request, data):
             started = await services.start_message(stream=True, **fields)
             events = services.follow_message(message_id=started.message.pk)
@@ -127,30 +137,55 @@ class MessageCreateView(AsyncAPIView):
         return Response(_serialize(message), status=status.HTTP_201_CREATED, headers=headers)
 
 
+def _positive_int_param(request: Request, name: str) -> int | None:
+    raw = request.query_params.get(name)
+    if raw in (None, ""):
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise InvalidRequest(
+            f"{name} must be a positive integer.",
+            extra={"fields": {name: ["Must be a positive integer."]}},
+        )
+    return int(raw)
+
+
 class MessageListView(AsyncAPIView):
     @extend_schema(
         operation_id="messages_list",
-        summary="List all messages, oldest first",
+        summary="List messages, oldest first",
         parameters=[
             OpenApiParameter("page", OpenApiTypes.INT, description="Page number (from 1)."),
             OpenApiParameter("page_size", OpenApiTypes.INT, description="Up to 100 (default 20)."),
+            OpenApiParameter(
+                "search",
+                OpenApiTypes.STR,
+                description="Case-insensitive text search over prompts and replies "
+                "(PostgreSQL: full-text search, web-search syntax, or a substring).",
+            ),
+            OpenApiParameter(
+                "conversation", OpenApiTypes.INT, description="Only this conversation's messages."
+            ),
         ],
         responses=PaginatedMessageSerializer,
     )
-    async def get(self, request: Request) -> Response:
-        return await db.run(self._page, request)
+    def get(self, request: Request) -> Response:
+        messages = selectors.message_list(
+            search=request.query_params.get("search", "").strip() or None,
+            conversation_id=_positive_int_param(request, "conversation"),
+        )
+        return _paginated(request, self, messages, MessageSerializer)
 
-    def _page(self, request: Request) -> Response:
-        paginator = MessagePagination()
-        page = paginator.paginate_queryset(selectors.message_list(), request, view=self)
-        return paginator.get_paginated_response(MessageSerializer(page, many=True).data)
+
+def _paginated(request: Request, view, queryset, serializer_class) -> Response:
+    paginator = MessagePagination()
+    page = paginator.paginate_queryset(queryset, request, view=view)
+    return paginator.get_paginated_response(serializer_class(page, many=True).data)
 
 
 class MessageDetailView(AsyncAPIView):
     @extend_schema(operation_id="messages_retrieve", responses=MessageSerializer)
-    async def get(self, request: Request, message_id: int) -> Response:
-        message = await db.run(selectors.message_get, message_id=message_id)
-        return Response(_serialize(message))
+    def get(self, request: Request, message_id: int) -> Response:
+        return Response(_serialize(selectors.message_get(message_id=message_id)))
 
 
 class MessageStreamView(AsyncAPIView):
@@ -170,3 +205,132 @@ class MessageStreamView(AsyncAPIView):
         message = await db.run(selectors.message_get, message_id=message_id)
         events = services.follow_message(message_id=message.pk)
         return sse.event_stream_response(message, events, _serialize)
+
+
+class MessageRegenerateView(AsyncAPIView):
+    renderer_classes = [JSONRenderer, sse.EventStreamRenderer]
+
+    @extend_schema(
+        operation_id="messages_regenerate",
+        summary="Ask the model again for a stored prompt (also: retry a failed message)",
+        description=(
+            "Sends the same prompt with the same conversation context again and replaces the "
+            "stored reply; the replaced reply (or failure) is kept in `previous_replies`. "
+            "Optional `model`, `temperature`, `max_tokens` override the message's. Answers 200 "
+            'with the message, or streams like create with `"stream": true`. 409 while the '
+            "message is still generating."
+        ),
+        request=RegenerateSerializer,
+        responses={200: MessageSerializer, 409: OpenApiResponse(description="Still generating")},
+    )
+    async def post(self, request: Request, message_id: int) -> HttpResponseBase:
+        serializer = RegenerateSerializer(data=request.data or {})
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        stream = _wants_stream(request, data)
+        message = await services.regenerate_message(
+            message_id=message_id,
+            model=data.get("model"),
+            temperature=data.get("temperature"),
+            max_tokens=data.get("max_tokens"),
+            stream=stream,
+        )
+        if stream:
+            events = services.follow_message(message_id=message.pk)
+            return sse.event_stream_response(message, events, _serialize)
+        final = await services.wait_for_message(message_id=message.pk)
+        return Response(_serialize(final))
+
+
+class ConversationListView(AsyncAPIView):
+    @extend_schema(
+        operation_id="conversations_list",
+        summary="List conversations, newest activity first",
+        responses=PaginatedConversationSerializer,
+    )
+    def get(self, request: Request) -> Response:
+        return _paginated(request, self, selectors.conversation_list(), ConversationSerializer)
+
+    @extend_schema(
+        operation_id="conversations_create",
+        summary="Start a conversation (optional title, system prompt, model, parameters)",
+        request=ConversationSerializer,
+        responses={201: ConversationSerializer},
+    )
+    def post(self, request: Request) -> Response:
+        serializer = ConversationSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        conversation = services.conversation_create(**serializer.validated_data)
+        return Response(ConversationSerializer(conversation).data, status=status.HTTP_201_CREATED)
+
+
+class ConversationDetailView(AsyncAPIView):
+    @extend_schema(operation_id="conversations_retrieve", responses=ConversationSerializer)
+    def get(self, request: Request, conversation_id: int) -> Response:
+        conversation = selectors.conversation_get(conversation_id=conversation_id)
+        return Response(ConversationSerializer(conversation).data)
+
+    @extend_schema(
+        operation_id="conversations_update",
+        summary="Rename, or change the system prompt, model or parameters",
+        request=ConversationSerializer,
+        responses=ConversationSerializer,
+    )
+    def patch(self, request: Request, conversation_id: int) -> Response:
+        conversation = selectors.conversation_get(conversation_id=conversation_id)
+        serializer = ConversationSerializer(conversation, data=request.data, partial=True)
+        serializer.is_valid(raise_exception=True)
+        conversation = services.conversation_update(
+            conversation=conversation, **serializer.validated_data
+        )
+        return Response(ConversationSerializer(conversation).data)
+
+    @extend_schema(operation_id="conversations_destroy", responses={204: None})
+    def delete(self, request: Request, conversation_id: int) -> Response:
+        conversation = selectors.conversation_get(conversation_id=conversation_id)
+        services.conversation_delete(conversation=conversation)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class ConversationMessagesView(AsyncAPIView):
+    @extend_schema(
+        operation_id="conversations_messages",
+        summary="A conversation's messages, in order",
+        responses=PaginatedMessageSerializer,
+    )
+    def get(self, request: Request, conversation_id: int) -> Response:
+        selectors.conversation_get(conversation_id=conversation_id)
+        messages = selectors.message_list(conversation_id=conversation_id)
+        return _paginated(request, self, messages, MessageSerializer)
+
+
+class ConversationExportView(AsyncAPIView):
+    @extend_schema(
+        operation_id="conversations_export",
+        summary="Download a conversation as JSON or Markdown",
+        parameters=[
+            OpenApiParameter(
+                "format", OpenApiTypes.STR, enum=["json", "markdown"], description="Default json."
+            )
+        ],
+        responses={200: OpenApiResponse(description="The conversation with all its messages")},
+    )
+    def get(self, request: Request, conversation_id: int) -> HttpResponseBase:
+        export_format = request.query_params.get("format", "json")
+        if export_format not in exports.FORMATS:
+            raise InvalidRequest(
+                f"Unknown export format {export_format!r}.",
+                extra={"fields": {"format": [f"Choose one of: {', '.join(exports.FORMATS)}."]}},
+            )
+        conversation = selectors.conversation_get(conversation_id=conversation_id)
+        messages = selectors.conversation_messages(conversation_id=conversation_id)
+        body, content_type, extension = exports.render(
+            export_format,
+            conversation=ConversationSerializer(conversation).data,
+            messages=MessageSerializer(messages, many=True).data,
+        )
+        response = HttpResponse(body, content_type=content_type)
+        response["Content-Disposition"] = (
+            f'attachment; filename="conversation-{conversation.pk}.{extension}"'
+        )
+        return response

@@ -6,14 +6,17 @@ import pytest
 from django.utils import timezone
 
 from chat.models import Message
+from tests.factories import make_conversation
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def make_messages(count: int) -> list[Message]:
     now = timezone.now()
+    conversation = make_conversation()
     return Message.objects.bulk_create(
         Message(
+            conversation=conversation,
             prompt_message=f"prompt {i}",
             response=f"reply {i}",
             status="completed",

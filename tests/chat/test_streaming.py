@@ -11,6 +11,7 @@ from django.utils import timezone
 from chat import services, streams
 from chat.models import Message
 from tests.conftest import parse_sse, read_streaming
+from tests.factories import amake_message
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -25,6 +26,7 @@ async def post_stream(client, body, **kwargs):
 
 async def test_a_streamed_reply_is_sent_in_deltas_and_stored_whole(async_client, fake_openai):
     fake_openai.stream_chunks = 6
+    fake_openai.latency = 0.3
     response = await post_stream(async_client, {"prompt_message": "stream this please"})
 
     assert response.status_code == 200
@@ -141,7 +143,7 @@ async def test_reattach_to_a_finished_message_gives_the_final_message(async_clie
 
 async def test_reattach_to_a_generation_in_another_process_follows_the_database(fake_openai):
     # No generation for this message in this process: as if another server process runs it.
-    message = await Message.objects.acreate(
+    message = await amake_message(
         prompt_message="elsewhere", response="Echo: el", status="streaming", model="m"
     )
 
@@ -283,8 +285,8 @@ async def test_shutdown_marks_generations_in_flight_interrupted_with_their_text(
 
 async def test_startup_marks_stale_generations_of_dead_processes_interrupted(settings):
     settings.CHAT_STALE_GENERATION_SECONDS = 60
-    stale = await Message.objects.acreate(prompt_message="old", status="streaming", model="m")
-    fresh = await Message.objects.acreate(prompt_message="new", status="pending", model="m")
+    stale = await amake_message(prompt_message="old", status="streaming")
+    fresh = await amake_message(prompt_message="new", status="pending")
     await Message.objects.filter(pk=stale.pk).aupdate(
         updated_at=timezone.now() - timezone.timedelta(minutes=5)
     )

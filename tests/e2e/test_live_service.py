@@ -165,7 +165,7 @@ def test_a_client_that_disconnects_after_the_first_delta_still_gets_a_stored_rep
 
     deadline = time.monotonic() + 10
     while True:
-        status, message = live_service.request("GET", f"/api/messages/{start['id']}/")
+        _, message = live_service.request("GET", f"/api/messages/{start['id']}/")
         if message["status"] != "streaming" and message["status"] != "pending":
             break
         assert time.monotonic() < deadline
