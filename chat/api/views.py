@@ -224,7 +224,8 @@ class MessageRegenerateView(AsyncAPIView):
         responses={200: MessageSerializer, 409: OpenApiResponse(description="Still generating")},
     )
     async def post(self, request: Request, message_id: int) -> HttpResponseBase:
-        serializer = RegenerateSerializer(data=request.data or {})
+        # A bare POST (no body, whatever content type) regenerates with the message's settings.
+        serializer = RegenerateSerializer(data=request.data if request.body else {})
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         stream = _wants_stream(request, data)
