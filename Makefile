@@ -45,3 +45,6 @@ postman: $(STAMP)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache
+
+bench-context: $(STAMP)
+	$(BIN)/python bench/context_bench.py $(BENCH_ARGS)

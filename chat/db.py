@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
 
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import close_old_connections, connections
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -42,3 +43,22 @@ async def run(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
     """Await `fn(*args, **kwargs)` run on a database thread."""
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(_get_executor(), functools.partial(_run, fn, *args, **kwargs))
+
+
+def close_connections() -> None:
+    """Close the connection of every database thread (at shutdown, and between test runs)."""
+    global _executor
+    executor, _executor = _executor, None
+    if executor is None:
+        return
+    workers = settings.DATABASE_THREADS
+    barrier = threading.Barrier(workers, timeout=10)
+
+    def close_own_connections() -> None:
+        # The barrier makes each worker thread take exactly one of these tasks.
+        barrier.wait()
+        connections.close_all()
+
+    for _ in range(workers):
+        executor.submit(close_own_connections)
+    executor.shutdown(wait=True)

@@ -587,3 +587,4 @@ async def on_server_shutdown() -> None:
     if count:
         logger.warning("interrupted %d generations at shutdown", count)
     await llm.close_client()
+    await asyncio.get_running_loop().run_in_executor(None, db.close_connections)

@@ -16,6 +16,16 @@ from tests.fake_openai import FakeOpenAI
 TEST_API_KEY = "test-key"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _close_database_threads(django_db_setup, django_db_blocker) -> Iterator[None]:
+    """The ORM threads of chat.db keep connections open; close them before the test database
+    is dropped (PostgreSQL refuses to drop a database in use)."""
+    yield
+    from chat import db
+
+    db.close_connections()
+
+
 @pytest.fixture(scope="session")
 def fake_openai_server() -> Iterator[FakeOpenAI]:
     with FakeOpenAI() as server:
