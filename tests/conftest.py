@@ -21,9 +21,14 @@ def _close_database_threads(django_db_setup, django_db_blocker) -> Iterator[None
     """The ORM threads of chat.db keep connections open; close them before the test database
     is dropped (PostgreSQL refuses to drop a database in use)."""
     yield
+    from asgiref.sync import SyncToAsync
+    from django.db import connections
+
     from chat import db
 
     db.close_connections()
+    # Django's own async ORM calls in tests (aget, acount...) run on asgiref's shared thread.
+    SyncToAsync.single_thread_executor.submit(connections.close_all).result()
 
 
 @pytest.fixture(scope="session")
