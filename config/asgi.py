@@ -1,5 +1,11 @@
 """ASGI entry point: Django plus the lifespan events Django itself does not handle.
 
+Requests under /api/ go to a second Django handler with a lean middleware stack
+(settings.API_MIDDLEWARE) whose hooks run inline on the event loop; everything else (admin, the
+docs pages) gets the full MIDDLEWARE. The per-request signal receivers that close database
+connections are dropped: under this server the ORM runs on the long-lived threads of chat.db,
+which manage their own connections, and running the receivers would cost a thread per request.
+
 At startup, generations left `pending`/`streaming` by a process that died are marked
 `interrupted`; at shutdown, this process's generations in flight are stopped and stored as
 `interrupted` with their partial text, so no message stays pending forever.
@@ -8,11 +14,42 @@ At startup, generations left `pending`/`streaming` by a process that died are ma
 import logging
 import os
 
-from django.core.asgi import get_asgi_application
+import django
+from django.conf import settings
+from django.core import signals
+from django.core.cache import close_caches
+from django.core.handlers.asgi import ASGIHandler
+from django.db import close_old_connections, reset_queries
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+django.setup(set_prefix=False)
 
-django_application = get_asgi_application()
+signals.request_started.disconnect(reset_queries)
+signals.request_started.disconnect(close_old_connections)
+signals.request_finished.disconnect(close_old_connections)
+signals.request_finished.disconnect(close_caches)
+
+
+class APIHandler(ASGIHandler):
+    async def __call__(self, scope, receive, send) -> None:
+        # Django wraps each request in a ThreadSensitiveContext, which starts (and joins) a
+        # thread of its own the first time the request runs sync code. The API's views keep
+        # the ORM on chat.db's threads, so the only sync call left per request is Django's
+        # response.close(); without the per-request context it runs on asgiref's one
+        # long-lived thread instead.
+        await self.handle(scope, receive, send)
+
+    def load_middleware(self, is_async: bool = False) -> None:
+        full_stack = settings.MIDDLEWARE
+        settings.MIDDLEWARE = settings.API_MIDDLEWARE
+        try:
+            super().load_middleware(is_async)
+        finally:
+            settings.MIDDLEWARE = full_stack
+
+
+django_application = ASGIHandler()
+api_application = APIHandler()
 
 from chat import services  # noqa: E402  (needs the app registry loaded above)
 
@@ -41,5 +78,7 @@ async def _lifespan(receive, send) -> None:
 async def application(scope, receive, send) -> None:
     if scope["type"] == "lifespan":
         await _lifespan(receive, send)
+    elif scope["type"] == "http" and scope["path"].startswith(settings.API_PATH_PREFIX):
+        await api_application(scope, receive, send)
     else:
         await django_application(scope, receive, send)

@@ -42,6 +42,14 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
+# /api/ is served by a second handler (config.asgi) with only these, run inline on the event loop;
+# the admin and the docs pages get the full MIDDLEWARE above.
+API_MIDDLEWARE = [
+    "config.middleware.SecurityMiddleware",
+    "config.middleware.CommonMiddleware",
+]
+API_PATH_PREFIX = "/api/"
+
 ROOT_URLCONF = "config.urls"
 ASGI_APPLICATION = "config.asgi.application"
 WSGI_APPLICATION = "config.wsgi.application"

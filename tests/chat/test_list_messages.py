@@ -97,3 +97,16 @@ def test_list_is_read_only(client):
     response = client.post("/api/messages/", {}, content_type="application/json")
     assert response.status_code == 405
     assert response.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_representation_matches_declared_fields():
+    """The hand-written fast representation agrees with DRF's generic rendering."""
+    from rest_framework import serializers
+
+    from chat.api.serializers import MessageSerializer
+
+    message = make_messages(1)[0]
+    message.refresh_from_db()
+    fast = MessageSerializer(message).data
+    generic = serializers.Serializer.to_representation(MessageSerializer(message), message)
+    assert dict(fast) == dict(generic)
