@@ -135,22 +135,24 @@ def _prepare_message(
         with transaction.atomic():
             now = timezone.now()
             if conversation is None:
-                conversation = Conversation.objects.create(
-                    title=auto_title(prompt), created_at=now, updated_at=now
+                conversation = db.insert(
+                    Conversation(title=auto_title(prompt), created_at=now, updated_at=now)
                 )
             else:
                 Conversation.objects.filter(pk=conversation.pk).update(updated_at=now)
-            message = Message.objects.create(
-                conversation=conversation,
-                prompt_message=prompt,
-                created_at=now,
-                model=options.model,
-                temperature=options.temperature,
-                max_tokens=options.max_tokens,
-                status=MessageStatus.PENDING,
-                context_message_ids=context_ids,
-                idempotency_key=idempotency_key,
-                request_fingerprint=fingerprint,
+            message = db.insert(
+                Message(
+                    conversation=conversation,
+                    prompt_message=prompt,
+                    created_at=now,
+                    model=options.model,
+                    temperature=options.temperature,
+                    max_tokens=options.max_tokens,
+                    status=MessageStatus.PENDING,
+                    context_message_ids=context_ids,
+                    idempotency_key=idempotency_key,
+                    request_fingerprint=fingerprint,
+                )
             )
     except IntegrityError:
         if idempotency_key is None:
@@ -221,10 +223,10 @@ def _archived_reply(message: Message) -> dict:
 def _record_partial(message: Message, text: str) -> None:
     message.response = text
     message.status = MessageStatus.STREAMING
-    message.save(update_fields=["response", "status", "updated_at"])
+    db.update(message, ["response", "status", "updated_at"])
 
 
-# update_fields everywhere: a row deleted meanwhile is an error, never silently re-inserted.
+# An update of a row deleted meanwhile is an error, never a silent re-insert.
 _OUTCOME_FIELDS = [
     "response",
     "status",
@@ -251,7 +253,7 @@ def _record_completion(message: Message, completion: llm.Completion) -> None:
     message.error_code = ""
     message.error_message = ""
     message.completed_at = timezone.now()
-    message.save(update_fields=_OUTCOME_FIELDS)
+    db.update(message, _OUTCOME_FIELDS)
 
 
 def _record_failure(
@@ -263,7 +265,7 @@ def _record_failure(
     message.error_message = error.message
     message.latency_ms = latency_ms
     message.completed_at = timezone.now()
-    message.save(update_fields=_OUTCOME_FIELDS)
+    db.update(message, _OUTCOME_FIELDS)
 
 
 # --- Generation -------------------------------------------------------------------------------
