@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 HOST ?= 127.0.0.1
+# Server processes: one per core by default (BENCHMARKS.md). WORKERS=1 for a single process.
+WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
 STAMP := $(VENV)/.installed
 
 .PHONY: install run test test-postgres lint format bench bench-context postman ci clean
@@ -19,7 +21,7 @@ install: $(STAMP)
 run: $(STAMP)
 	mkdir -p var
 	$(BIN)/python manage.py migrate --noinput
-	$(BIN)/uvicorn config.asgi:application --host $(HOST) --port $(PORT) \
+	$(BIN)/uvicorn config.asgi:application --host $(HOST) --port $(PORT) --workers $(WORKERS) \
 		--loop uvloop --http httptools --no-access-log --timeout-graceful-shutdown 10
 
 test: $(STAMP)

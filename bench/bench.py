@@ -76,8 +76,10 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "hold-1000": {"stream": False, "concurrency": 1000, "latency": 5.0, "duration": 30.0},
     "stream-500": {"stream": True, "concurrency": 500, "latency": 1.0, "chunks": 20},
 }
+# As `make run` starts it: one worker process per core unless WORKERS says otherwise.
+WORKERS = os.environ.get("WORKERS") or str(os.cpu_count() or 1)
 DEFAULT_SERVER_CMD = (
-    f"{UVICORN} config.asgi:application --host {{host}} --port {{port}} "
+    f"{UVICORN} config.asgi:application --host {{host}} --port {{port}} --workers {WORKERS} "
     "--loop uvloop --http httptools --no-access-log --timeout-graceful-shutdown 10"
 )
 # Makes every reply at least this long, so that the fake upstream can split it into --chunks.

@@ -87,7 +87,8 @@ def fake() -> Iterator[FakeOpenAI]:
 
 
 @pytest.fixture
-def live_service(tmp_path, fake) -> Iterator[LiveService]:
+def live_service(request, tmp_path, fake) -> Iterator[LiveService]:
+    workers = getattr(request, "param", 1)
     port = free_port()
     db_path = tmp_path / "db.sqlite3"
     env = {
@@ -209,3 +210,46 @@ def test_sigterm_marks_generations_in_flight_interrupted_with_their_partial_text
     assert stored["status"] == "interrupted", live_service.log_path.read_text()
     assert stored["response"].startswith(delta["content"])
     assert stored["error_code"] == "generation_interrupted"
+
+
+@pytest.mark.parametrize("live_service", [2], indirect=True)
+def test_two_worker_processes_share_idempotency_and_reattach(live_service, fake):
+    """With several server processes, racing retries still make one message and one model
+    call, and a client re-attaching from any process gets the whole reply."""
+    import concurrent.futures
+
+    fake.latency = 1.0
+    fake.stream_chunks = 10
+
+    def post_with_key() -> tuple[int, dict]:
+        conn = http.client.HTTPConnection("127.0.0.1", live_service.port, timeout=30)
+        conn.request(
+            "POST",
+            "/api/messages/create/",
+            json.dumps({"prompt_message": "only once"}),
+            {"Content-Type": "application/json", "Idempotency-Key": "shared-key"},
+        )
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: post_with_key(), range(8)))
+    assert {status for status, _ in results} == {201}
+    assert {body["id"] for _, body in results} == {results[0][1]["id"]}
+    assert all(body["response"] == "Echo: only once" for _, body in results)
+    assert len(fake.chat_requests()) == 1
+
+    conn, response = live_service.open_stream({"prompt_message": "seen from everywhere"})
+    _, start = read_event(response)
+
+    def reattach() -> str:
+        other = http.client.HTTPConnection("127.0.0.1", live_service.port, timeout=30)
+        other.request("GET", f"/api/messages/{start['id']}/stream/")
+        events = parse_sse(other.getresponse().read().decode())
+        assert events[-1].event == "message"
+        return "".join(e.data["content"] for e in events if e.event == "delta")
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        texts = list(pool.map(lambda _: reattach(), range(6)))
+    conn.close()
+    assert texts == ["Echo: seen from everywhere"] * 6
