@@ -149,6 +149,8 @@ CHAT_CONTEXT_TOKEN_BUDGETS = {
 CHAT_TITLE_FROM_MODEL = env.bool("CHAT_TITLE_FROM_MODEL", default=False)
 # A streaming reply's partial text is written to the database at most this often (seconds).
 CHAT_STREAM_SAVE_INTERVAL = env.float("CHAT_STREAM_SAVE_INTERVAL", default=1.0)
+# A comment line is sent on an event stream that has been quiet this long (seconds).
+CHAT_SSE_KEEPALIVE_SECONDS = env.float("CHAT_SSE_KEEPALIVE_SECONDS", default=15.0)
 # At startup, generations not updated for this long are marked interrupted (their process died).
 CHAT_STALE_GENERATION_SECONDS = env.float("CHAT_STALE_GENERATION_SECONDS", default=300.0)
 

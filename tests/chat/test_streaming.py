@@ -295,3 +295,15 @@ async def test_startup_marks_stale_generations_of_dead_processes_interrupted(set
 
     assert (await Message.objects.aget(pk=stale.pk)).status == "interrupted"
     assert (await Message.objects.aget(pk=fresh.pk)).status == "pending"
+
+
+async def test_a_quiet_stream_gets_keepalive_comments(async_client, fake_openai, settings):
+    settings.CHAT_SSE_KEEPALIVE_SECONDS = 0.05
+    fake_openai.latency = 0.6
+    fake_openai.stream_chunks = 2
+    response = await post_stream(async_client, {"prompt_message": "slow one"})
+    body = await read_streaming(response)
+    assert ": keep-alive\n\n" in body
+    events = parse_sse(body)
+    assert events[-1].event == "message"
+    assert "".join(e.data["content"] for e in events if e.event == "delta") == "Echo: slow one"

@@ -116,6 +116,8 @@ def live_service(request, tmp_path, fake) -> Iterator[LiveService]:
                 "--no-access-log",
                 "--timeout-graceful-shutdown",
                 "1",
+                "--workers",
+                str(workers),
             ],
             cwd=ROOT,
             env=env,
