@@ -467,6 +467,12 @@ async def regenerate_message(
 
 async def wait_for_message(*, message_id: int) -> Message:
     """The message once its generation has ended; raises its error if it failed."""
+    generation = streams.get(message_id)
+    if generation is not None:
+        finished = await generation.wait()
+        if finished.error is not None:
+            raise finished.error
+        return finished.message
     async for event in follow_message(message_id=message_id):
         if isinstance(event, Finished):
             if event.error is not None:

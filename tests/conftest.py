@@ -54,11 +54,13 @@ def fake_openai(fake_openai_server: FakeOpenAI, settings) -> Iterator[FakeOpenAI
 async def _drain_generations() -> Any:
     """Let generations started by a test finish inside its event loop."""
     yield
-    from chat import streams
+    from chat import llm, streams
 
     tasks = [g.task for g in streams.in_flight() if g.task is not None]
     if tasks:
         await asyncio.wait(tasks, timeout=10)
+    # Each test has its own event loop, hence its own client: close its connections.
+    await llm.close_client()
 
 
 @dataclass
