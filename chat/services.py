@@ -481,9 +481,25 @@ async def wait_for_message(*, message_id: int) -> Message:
     raise AssertionError("follow_message ended without Finished")  # pragma: no cover
 
 
-async def send_message(**kwargs) -> tuple[Message, bool]:
-    """Non-streaming use case: store the prompt, get the reply, return the stored message."""
-    started = await start_message(**kwargs)
+async def send_message(
+    *,
+    prompt: str,
+    conversation_id: int | None = None,
+    model: str | None = None,
+    temperature: float | None = None,
+    max_tokens: int | None = None,
+    idempotency_key: str | None = None,
+) -> tuple[Message, bool]:
+    """Non-streaming use case: store the prompt, get the reply, return the stored message and
+    whether it was an idempotent replay. Raises the generation's error if it failed."""
+    started = await start_message(
+        prompt=prompt,
+        conversation_id=conversation_id,
+        model=model,
+        temperature=temperature,
+        max_tokens=max_tokens,
+        idempotency_key=idempotency_key,
+    )
     message = await wait_for_message(message_id=started.message.pk)
     return message, started.replayed
 
