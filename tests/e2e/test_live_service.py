@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -101,6 +102,12 @@ def live_service(request, tmp_path, fake) -> Iterator[LiveService]:
         "DJANGO_SETTINGS_MODULE": "config.settings",
     }
     subprocess.run([BIN / "python", "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
+    subprocess.run(
+        [BIN / "python", "manage.py", "collectstatic", "--noinput", "-v0"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+    )
     log_path = tmp_path / "service.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
@@ -139,6 +146,20 @@ def live_service(request, tmp_path, fake) -> Iterator[LiveService]:
     if process.poll() is None:
         process.terminate()
         process.wait(timeout=15)
+
+
+def test_docs_and_admin_assets_are_served_without_a_cdn(live_service):
+    conn = http.client.HTTPConnection("127.0.0.1", live_service.port, timeout=30)
+    conn.request("GET", "/api/docs/")
+    page = conn.getresponse().read().decode()
+    assets = re.findall(r'(?:src|href)="(/static/[^"]+)"', page)
+    assert any(a.endswith("swagger-ui-bundle.js") for a in assets), page
+    assert "cdn." not in page.lower()
+    for path in [*assets, "/static/admin/css/base.css"]:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200, path
 
 
 def test_the_contract_over_real_http(live_service):
