@@ -38,7 +38,7 @@ from chat.errors import (
     error_for_stored_message,
 )
 from chat.models import IN_PROGRESS_STATUSES, Conversation, Message, MessageStatus
-from chat.streams import Finished, GenerationEvent, TextDelta
+from chat.streams import Finished, GenerationEvent, Heartbeat, TextDelta
 
 logger = logging.getLogger(__name__)
 
@@ -504,27 +504,34 @@ async def send_message(
     return message, started.replayed
 
 
-async def follow_message(*, message_id: int) -> AsyncIterator[GenerationEvent]:
-    """Replay what a message's generation produced so far, then follow it to the end.
+async def follow_message(
+    *, message_id: int, heartbeat: float | None = None
+) -> AsyncIterator[GenerationEvent]:
+    """Replay what a message's generation produced so far, then follow it to the end, with a
+    `Heartbeat` whenever `heartbeat` seconds pass without news.
 
     A generation of this process is followed live; one in another process (or one that already
     ended) is read from the database, polled at the partial-save interval.
     """
     generation = streams.get(message_id)
     if generation is not None:
-        async for event in generation.follow():
+        async for event in generation.follow(heartbeat=heartbeat):
             yield event
         return
     message = await db.run(selectors.message_get, message_id=message_id)
     sent = ""
+    quiet_since = time.monotonic()
     while True:
         text = message.response
         if len(text) > len(sent) and text.startswith(sent):
             yield TextDelta(text[len(sent) :])
-            sent = text
+            sent, quiet_since = text, time.monotonic()
         if message.is_finished:
             yield Finished(message, error_for_stored_message(message))
             return
+        if heartbeat is not None and time.monotonic() - quiet_since >= heartbeat:
+            yield Heartbeat()
+            quiet_since = time.monotonic()
         await asyncio.sleep(settings.CHAT_STREAM_SAVE_INTERVAL)
         message = await db.run(selectors.message_get, message_id=message_id)
 

@@ -33,7 +33,12 @@ class Finished:
     error: ApplicationError | None = None
 
 
-GenerationEvent = TextDelta | Finished
+@dataclass(frozen=True)
+class Heartbeat:
+    """Nothing happened for a while (lets transports keep an idle connection open)."""
+
+
+GenerationEvent = TextDelta | Finished | Heartbeat
 
 
 class Generation:
@@ -66,8 +71,9 @@ class Generation:
         assert self.finished is not None
         return self.finished
 
-    async def follow(self) -> AsyncIterator[GenerationEvent]:
-        """Everything generated so far as one delta, then live deltas, then `Finished`."""
+    async def follow(self, *, heartbeat: float | None = None) -> AsyncIterator[GenerationEvent]:
+        """Everything generated so far as one delta, then live deltas, then `Finished`; a
+        `Heartbeat` whenever `heartbeat` seconds pass without an event."""
         queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
         # Snapshot and subscribe with no await in between, so no delta falls in the gap.
         snapshot = self.text
@@ -80,7 +86,16 @@ class Generation:
                 yield finished
                 return
             while True:
-                event = await queue.get()
+                if queue.empty() and heartbeat is not None:
+                    try:
+                        # Cancelling Queue.get() on timeout never loses an item.
+                        async with asyncio.timeout(heartbeat):
+                            event = await queue.get()
+                    except TimeoutError:
+                        yield Heartbeat()
+                        continue
+                else:
+                    event = await queue.get()
                 yield event
                 if isinstance(event, Finished):
                     return

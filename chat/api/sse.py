@@ -8,18 +8,16 @@ message). A client re-attaching gets the text so far as one `delta`, then live o
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from django.conf import settings
 from django.http import StreamingHttpResponse
 from rest_framework.renderers import BaseRenderer
 
 from chat.api.errors import error_payload
 from chat.models import Message
-from chat.streams import Finished, GenerationEvent, TextDelta
+from chat.streams import Finished, GenerationEvent, Heartbeat, TextDelta
 
 CONTENT_TYPE = "text/event-stream"
 
@@ -42,40 +40,14 @@ def format_event(name: str, data: Any) -> str:
 KEEPALIVE = ": keep-alive\n\n"
 
 
-async def _with_keepalive(
-    events: AsyncIterator[GenerationEvent], interval: float
-) -> AsyncIterator[GenerationEvent | None]:
-    """The events, with a None whenever `interval` seconds pass without one, so that proxies
-    and clients do not drop a stream that waits long for the model's first token."""
-    iterator = aiter(events)
-    pending: asyncio.Future | None = None
-    try:
-        while True:
-            if pending is None:
-                pending = asyncio.ensure_future(anext(iterator))
-            done, _ = await asyncio.wait({pending}, timeout=interval)
-            if not done:
-                yield None
-                continue
-            pending, finished = None, pending
-            try:
-                event = finished.result()
-            except StopAsyncIteration:
-                return
-            yield event
-    finally:
-        if pending is not None:
-            pending.cancel()
-
-
 async def _events(
     start: Message,
     events: AsyncIterator[GenerationEvent],
     serialize: Callable[[Message], dict[str, Any]],
 ) -> AsyncIterator[str]:
     yield format_event("start", serialize(start))
-    async for event in _with_keepalive(events, settings.CHAT_SSE_KEEPALIVE_SECONDS):
-        if event is None:
+    async for event in events:
+        if isinstance(event, Heartbeat):
             yield KEEPALIVE
             continue
         if isinstance(event, TextDelta):

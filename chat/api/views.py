@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.http import HttpResponse, HttpResponseBase
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
@@ -130,7 +131,9 @@ class MessageCreateView(AsyncAPIView):
         }
         if _wants_stream(request, data):
             started = await services.start_message(stream=True, **fields)
-            events = services.follow_message(message_id=started.message.pk)
+            events = services.follow_message(
+                message_id=started.message.pk, heartbeat=settings.CHAT_SSE_KEEPALIVE_SECONDS
+            )
             return sse.event_stream_response(started.message, events, _serialize)
         message, replayed = await services.send_message(**fields)
         headers = {"Idempotent-Replayed": "true"} if replayed else None
@@ -203,7 +206,9 @@ class MessageStreamView(AsyncAPIView):
     )
     async def get(self, request: Request, message_id: int) -> HttpResponseBase:
         message = await db.run(selectors.message_get, message_id=message_id)
-        events = services.follow_message(message_id=message.pk)
+        events = services.follow_message(
+            message_id=message.pk, heartbeat=settings.CHAT_SSE_KEEPALIVE_SECONDS
+        )
         return sse.event_stream_response(message, events, _serialize)
 
 
@@ -237,7 +242,9 @@ class MessageRegenerateView(AsyncAPIView):
             stream=stream,
         )
         if stream:
-            events = services.follow_message(message_id=message.pk)
+            events = services.follow_message(
+                message_id=message.pk, heartbeat=settings.CHAT_SSE_KEEPALIVE_SECONDS
+            )
             return sse.event_stream_response(message, events, _serialize)
         final = await services.wait_for_message(message_id=message.pk)
         return Response(_serialize(final))
