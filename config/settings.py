@@ -6,6 +6,7 @@ Every knob is documented in README.md ("Configuration"); `.env.example` lists th
 from pathlib import Path
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -16,9 +17,26 @@ environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
 DEBUG = env.bool("DJANGO_DEBUG", default=False)
 # The fallback only exists so that `make run` works on a fresh clone; production must set one.
 _INSECURE_DEV_SECRET = "insecure-local-development-secret-do-not-use-in-production"
-SECRET_KEY = env.str("DJANGO_SECRET_KEY", default=_INSECURE_DEV_SECRET)
+SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="") or _INSECURE_DEV_SECRET
 ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
+
+# Served over HTTPS (production): secure cookies, HTTPS redirect, HSTS. Off for the local
+# quick start on plain http://127.0.0.1. With it on, `manage.py check --deploy` is clean.
+HTTPS = env.bool("DJANGO_HTTPS", default=False)
+if HTTPS:
+    if SECRET_KEY == _INSECURE_DEV_SECRET:
+        raise ImproperlyConfigured("DJANGO_HTTPS is on: set DJANGO_SECRET_KEY to a real secret.")
+    SECURE_SSL_REDIRECT = env.bool("DJANGO_SECURE_SSL_REDIRECT", default=True)
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = env.int("DJANGO_HSTS_SECONDS", default=31536000)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("DJANGO_HSTS_INCLUDE_SUBDOMAINS", default=True)
+    # Only allows submitting the domain to browsers' preload lists; nothing is submitted.
+    SECURE_HSTS_PRELOAD = env.bool("DJANGO_HSTS_PRELOAD", default=True)
+    # Behind a proxy that terminates TLS and sets X-Forwarded-Proto.
+    if env.bool("DJANGO_BEHIND_TLS_PROXY", default=False):
+        SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
 INSTALLED_APPS = [
     "django.contrib.admin",

@@ -60,3 +60,36 @@ def test_the_key_detector_detects_keys():
     fake = "sk-" + "proj-" + "A1b2" * 10
     assert KEY_SHAPED.search(fake)
     assert not KEY_SHAPED.search("test-key sk-short")
+
+
+def _manage(*args: str, **env: str) -> subprocess.CompletedProcess:
+    import os
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings", **env},
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_https_production_settings_pass_the_deploy_check():
+    secret = "x9" * 30 + "-a-long-random-looking-secret-for-this-test-only"
+    result = _manage(
+        "check",
+        "--deploy",
+        "--fail-level",
+        "WARNING",
+        DJANGO_HTTPS="true",
+        DJANGO_SECRET_KEY=secret,
+        DJANGO_DEBUG="false",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_https_without_a_secret_key_refuses_to_start():
+    result = _manage("check", DJANGO_HTTPS="true", DJANGO_SECRET_KEY="")
+    assert result.returncode != 0
+    assert "DJANGO_SECRET_KEY" in result.stderr
