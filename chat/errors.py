@@ -73,6 +73,12 @@ class InternalError(ApplicationError):
     default_message = "The server failed to complete the request."
 
 
+class DatabaseUnavailable(ApplicationError):
+    status_code = 503
+    code = "database_unavailable"
+    default_message = "The database does not answer."
+
+
 class ServiceNotConfigured(ApplicationError):
     status_code = 503
     code = "openai_not_configured"

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from django.db import connection
+from django.db import DatabaseError, connection
 from django.db.models import F, Func, Q, QuerySet, TextField
 
-from chat.errors import NotFound
+from chat.errors import DatabaseUnavailable, NotFound
 from chat.models import Conversation, Message
 
 
@@ -72,3 +72,13 @@ def conversation_get(*, conversation_id: int) -> Conversation:
 
 def conversation_messages(*, conversation_id: int) -> list[Message]:
     return list(Message.objects.filter(conversation_id=conversation_id).order_by("id"))
+
+
+def database_ping() -> None:
+    """Raise DatabaseUnavailable unless the database answers a trivial query."""
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+            cursor.fetchone()
+    except DatabaseError as exc:
+        raise DatabaseUnavailable() from exc

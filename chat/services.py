@@ -381,6 +381,11 @@ async def _title_from_model(message: Message) -> None:
         )
 
 
+def can_send() -> bool:
+    """Whether messages can be sent (an API key is configured)."""
+    return llm.is_configured()
+
+
 def request_fingerprint(
     *, prompt: str, conversation_id: int | None, options: llm.GenerationOptions
 ) -> str:

@@ -342,3 +342,26 @@ class ConversationExportView(AsyncAPIView):
             f'attachment; filename="conversation-{conversation.pk}.{extension}"'
         )
         return response
+
+
+class LivenessView(AsyncAPIView):
+    """The process is up and serving (no I/O: for a load balancer's frequent probe)."""
+
+    @extend_schema(operation_id="healthz", responses={200: OpenApiTypes.OBJECT})
+    async def get(self, request: Request) -> Response:
+        return Response({"status": "ok"})
+
+
+class ReadinessView(AsyncAPIView):
+    """The service can take traffic: its database answers. Also says whether sending is
+    possible (OPENAI_API_KEY configured); without it the service is up but read-only."""
+
+    @extend_schema(
+        operation_id="readyz",
+        responses={200: OpenApiTypes.OBJECT, 503: OpenApiResponse(description="Not ready")},
+    )
+    async def get(self, request: Request) -> Response:
+        await db.run(selectors.database_ping)
+        return Response(
+            {"status": "ready", "database": "ok", "openai_configured": services.can_send()}
+        )

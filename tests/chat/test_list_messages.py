@@ -110,3 +110,13 @@ def test_representation_matches_declared_fields():
     fast = MessageSerializer(message).data
     generic = serializers.Serializer.to_representation(MessageSerializer(message), message)
     assert dict(fast) == dict(generic)
+
+
+def test_health_and_readiness(client, settings):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    settings.OPENAI_API_KEY = ""
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json() == {"status": "ready", "database": "ok", "openai_configured": False}
+    settings.OPENAI_API_KEY = "k"
+    assert client.get("/readyz").json()["openai_configured"] is True
