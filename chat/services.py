@@ -430,8 +430,6 @@ async def start_message(
     (`replayed=True`) and nothing new is started; with a different body,
     `IdempotencyKeyMismatch` is raised.
     """
-    if not llm.is_configured():
-        raise ServiceNotConfigured()
     prepared = await db.run(
         _prepare_message,
         prompt=prompt,
@@ -443,6 +441,11 @@ async def start_message(
     )
     if not prepared.created:
         return StartedMessage(message=prepared.message, replayed=True)
+    if not llm.is_configured():
+        # Kept like any failed prompt: retried with regenerate once a key is configured.
+        error = ServiceNotConfigured(extra={"message_id": prepared.message.pk})
+        await db.run(_record_failure, prepared.message, error, "", MessageStatus.FAILED, 0)
+        raise error
     _launch(prepared, stream=stream)
     return StartedMessage(message=prepared.message, replayed=False)
 

@@ -137,7 +137,9 @@ async def test_wrong_method_is_a_405(async_client, fake_openai, method):
     assert error_of(response)["code"] == "method_not_allowed"
 
 
-async def test_without_an_api_key_sending_is_a_503_and_listing_works(async_client, settings):
+async def test_without_an_api_key_sending_is_a_503_and_listing_works(
+    async_client, fake_openai, settings
+):
     settings.OPENAI_API_KEY = ""
     response = await post_json(async_client, {"prompt_message": "hi"})
     assert response.status_code == 503
@@ -146,6 +148,16 @@ async def test_without_an_api_key_sending_is_a_503_and_listing_works(async_clien
     assert "OPENAI_API_KEY" in error["message"]
     listing = await async_client.get("/api/messages/")
     assert listing.status_code == 200
+    # The prompt is kept, failed, and goes through once a key is configured.
+    [kept] = listing.json()["results"]
+    assert kept["id"] == error["message_id"] and kept["status"] == "failed"
+    assert kept["error"]["code"] == "openai_not_configured"
+    assert fake_openai.chat_requests() == []
+    settings.OPENAI_API_KEY = "test-key"
+    retried = await async_client.post(
+        f"/api/messages/{kept['id']}/regenerate/", content_type="application/json"
+    )
+    assert retried.status_code == 200 and retried.json()["response"] == "Echo: hi"
 
 
 @pytest.mark.parametrize(
