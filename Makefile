@@ -19,17 +19,18 @@ $(STAMP): requirements.txt requirements-dev.txt
 install: $(STAMP)
 
 run: $(STAMP)
-	mkdir -p var
+	mkdir -p var/static
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python manage.py collectstatic --noinput -v0
 	$(BIN)/uvicorn config.asgi:application --host $(HOST) --port $(PORT) --workers $(WORKERS) \
 		--loop uvloop --http httptools --no-access-log --timeout-graceful-shutdown 10
 
 test: $(STAMP)
-	mkdir -p var
+	mkdir -p var/static
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-postgres: $(STAMP)
+	mkdir -p var/static
 	DATABASE_URL=$${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test} $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
