@@ -90,8 +90,11 @@ def get_client() -> openai.AsyncOpenAI:
     loop = asyncio.get_running_loop()
     config = _client_config()
     cached = _clients.get(loop)
-    if cached is not None and cached[0] == config:
-        return cached[1]
+    if cached is not None:
+        if cached[0] == config:
+            return cached[1]
+        # The settings changed: let the old client finish its requests, then close.
+        _retire(cached[1])
     timeout = httpx2.Timeout(settings.OPENAI_TIMEOUT, connect=min(5.0, settings.OPENAI_TIMEOUT))
     limits = httpx2.Limits(
         max_connections=settings.OPENAI_MAX_CONNECTIONS,
@@ -110,6 +113,19 @@ def get_client() -> openai.AsyncOpenAI:
     )
     _clients[loop] = (config, client)
     return client
+
+
+_retiring: set[asyncio.Task] = set()
+
+
+def _retire(client: openai.AsyncOpenAI) -> None:
+    async def close_later() -> None:
+        await asyncio.sleep(settings.OPENAI_TIMEOUT + 5)
+        await client.close()
+
+    task = asyncio.get_running_loop().create_task(close_later())
+    _retiring.add(task)
+    task.add_done_callback(_retiring.discard)
 
 
 async def close_client() -> None:
