@@ -29,6 +29,7 @@ from chat.api.serializers import (
     RegenerateSerializer,
 )
 from chat.errors import InvalidRequest
+from chat.models import Message
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
@@ -42,7 +43,7 @@ ERROR_EXAMPLE = {
 }
 
 
-def _serialize(message) -> dict:
+def _serialize(message: Message) -> dict:
     return MessageSerializer(message).data
 
 
@@ -57,6 +58,14 @@ def _idempotency_key(request: Request) -> str | None:
             extra={"fields": {IDEMPOTENCY_HEADER: ["Must be 1 to 255 characters."]}},
         )
     return key
+
+
+def _event_stream(message: Message) -> HttpResponseBase:
+    """SSE of a message's generation: what it has so far, then live, with keep-alives."""
+    events = services.follow_message(
+        message_id=message.pk, heartbeat=settings.CHAT_SSE_KEEPALIVE_SECONDS
+    )
+    return sse.event_stream_response(message, events, _serialize)
 
 
 def _wants_stream(request: Request, data: dict) -> bool:
@@ -131,10 +140,7 @@ class MessageCreateView(AsyncAPIView):
         }
         if _wants_stream(request, data):
             started = await services.start_message(stream=True, **fields)
-            events = services.follow_message(
-                message_id=started.message.pk, heartbeat=settings.CHAT_SSE_KEEPALIVE_SECONDS
-            )
-            return sse.event_stream_response(started.message, events, _serialize)
+            return _event_stream(started.message)
         message, replayed = await services.send_message(**fields)
         headers = {"Idempotent-Replayed": "true"} if replayed else None
         return Response(_serialize(message), status=status.HTTP_201_CREATED, headers=headers)
@@ -206,10 +212,7 @@ class MessageStreamView(AsyncAPIView):
     )
     async def get(self, request: Request, message_id: int) -> HttpResponseBase:
         message = await db.run(selectors.message_get, message_id=message_id)
-        events = services.follow_message(
-            message_id=message.pk, heartbeat=settings.CHAT_SSE_KEEPALIVE_SECONDS
-        )
-        return sse.event_stream_response(message, events, _serialize)
+        return _event_stream(message)
 
 
 class MessageRegenerateView(AsyncAPIView):
@@ -242,10 +245,7 @@ class MessageRegenerateView(AsyncAPIView):
             stream=stream,
         )
         if stream:
-            events = services.follow_message(
-                message_id=message.pk, heartbeat=settings.CHAT_SSE_KEEPALIVE_SECONDS
-            )
-            return sse.event_stream_response(message, events, _serialize)
+            return _event_stream(message)
         final = await services.wait_for_message(message_id=message.pk)
         return Response(_serialize(final))
 
