@@ -7,6 +7,7 @@ belongs to), `headers` adds response headers (e.g. Retry-After).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 
@@ -150,17 +151,14 @@ def _all_subclasses(cls: type[ApplicationError]) -> list[type[ApplicationError]]
     return found
 
 
-def error_for_stored_message(message: object) -> ApplicationError | None:
-    """Rebuild the error of a message that ended badly (for replays and followers)."""
-    status = getattr(message, "status", "")
-    if status in ("pending", "streaming", "completed"):
-        return None
-    code = getattr(message, "error_code", "") or UpstreamError.code
-    by_code = {cls.code: cls for cls in _all_subclasses(ApplicationError)}
-    error_class = by_code.get(code, UpstreamError)
-    error = error_class(
-        getattr(message, "error_message", "") or None,
-        extra={"message_id": getattr(message, "pk", None)},
-    )
+@functools.cache
+def _classes_by_code() -> dict[str, type[ApplicationError]]:
+    return {cls.code: cls for cls in _all_subclasses(ApplicationError)}
+
+
+def rebuild(code: str, message: str, *, extra: dict[str, Any]) -> ApplicationError:
+    """The error a stored failure recorded, by its code (for replays and followers)."""
+    error_class = _classes_by_code().get(code, UpstreamError)
+    error = error_class(message or None, extra=extra)
     error.code = code
     return error

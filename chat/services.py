@@ -34,8 +34,9 @@ from chat.errors import (
     InvalidRequest,
     MessageInProgress,
     ServiceNotConfigured,
+    UpstreamError,
     UpstreamTruncated,
-    error_for_stored_message,
+    rebuild,
 )
 from chat.models import IN_PROGRESS_STATUSES, Conversation, Message, MessageStatus
 from chat.streams import Finished, GenerationEvent, Heartbeat, TextDelta
@@ -512,6 +513,17 @@ async def send_message(
     return message, started.replayed
 
 
+def _stored_error(message: Message) -> ApplicationError | None:
+    """The error of a message that ended badly, as its generation raised it."""
+    if not message.is_finished or message.status == MessageStatus.COMPLETED:
+        return None
+    return rebuild(
+        message.error_code or UpstreamError.code,
+        message.error_message,
+        extra={"message_id": message.pk},
+    )
+
+
 async def follow_message(
     *, message_id: int, heartbeat: float | None = None
 ) -> AsyncIterator[GenerationEvent]:
@@ -535,7 +547,7 @@ async def follow_message(
             yield TextDelta(text[len(sent) :])
             sent, quiet_since = text, time.monotonic()
         if message.is_finished:
-            yield Finished(message, error_for_stored_message(message))
+            yield Finished(message, _stored_error(message))
             return
         if heartbeat is not None and time.monotonic() - quiet_since >= heartbeat:
             yield Heartbeat()
