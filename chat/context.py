@@ -24,8 +24,8 @@ class Context:
     turns: list[ChatTurn]
     # Earlier messages whose prompt and reply were sent, oldest first.
     message_ids: list[int]
-    token_count: int
-    budget: int
+    # Tokens of the new prompt's text alone: the message caches it for later contexts.
+    prompt_token_count: int
 
 
 def token_budget(model: str) -> int:
@@ -44,7 +44,8 @@ def build_context(
     (those before message `before_id` when regenerating). Runs on a database thread."""
     counter = tokens.counter_for_model(model)
     budget = token_budget(model)
-    used = tokens.TOKENS_PER_REPLY + tokens.TOKENS_PER_TURN + counter.count(prompt)
+    prompt_token_count = counter.count(prompt)
+    used = tokens.TOKENS_PER_REPLY + tokens.TOKENS_PER_TURN + prompt_token_count
     if system_prompt:
         used += tokens.TOKENS_PER_TURN + counter.count(system_prompt)
 
@@ -90,4 +91,6 @@ def build_context(
         turns.append({"role": "user", "content": earlier.prompt_message})
         turns.append({"role": "assistant", "content": earlier.response})
     turns.append({"role": "user", "content": prompt})
-    return Context(turns=turns, message_ids=[m.pk for m in kept], token_count=used, budget=budget)
+    return Context(
+        turns=turns, message_ids=[m.pk for m in kept], prompt_token_count=prompt_token_count
+    )

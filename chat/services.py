@@ -130,8 +130,11 @@ def _prepare_message(
             system_prompt=system_prompt,
         )
         turns, context_ids = context.turns, context.message_ids
+        prompt_token_count = context.prompt_token_count
     else:
+        # A first message sends no history: nothing to count until it becomes history.
         turns, context_ids = [{"role": "user", "content": prompt}], []
+        prompt_token_count = None
     try:
         with transaction.atomic():
             now = timezone.now()
@@ -151,6 +154,7 @@ def _prepare_message(
                     max_tokens=options.max_tokens,
                     status=MessageStatus.PENDING,
                     context_message_ids=context_ids,
+                    prompt_token_count=prompt_token_count,
                     idempotency_key=idempotency_key,
                     request_fingerprint=fingerprint,
                 )
@@ -203,6 +207,7 @@ def _prepare_regeneration(
         message.error_code = message.error_message = ""
         message.completed_at = None
         message.context_message_ids = context.message_ids
+        message.prompt_token_count = context.prompt_token_count
         message.save()
         Conversation.objects.filter(pk=conversation.pk).update(updated_at=timezone.now())
     return _Prepared(message, True, context.turns, options, False)

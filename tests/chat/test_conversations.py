@@ -168,7 +168,10 @@ async def test_system_prompt_and_new_prompt_are_kept_even_over_budget(
 async def test_token_counts_are_cached_on_the_messages(async_client, fake_openai):
     first = await send(async_client, prompt_message="hello world")
     conversation = first.json()["conversation"]
-    await send(async_client, prompt_message="again", conversation=conversation)
+    second = await send(async_client, prompt_message="again", conversation=conversation)
+    # Counted once while building the context, and kept for later contexts.
+    counted_on_insert = await Message.objects.aget(pk=second.json()["id"])
+    assert counted_on_insert.prompt_token_count == tokens.count_text("again", model="gpt-3.5-turbo")
     stored = await Message.objects.aget(pk=first.json()["id"])
     assert stored.prompt_token_count == 2  # "hello world" in cl100k_base
     assert stored.response_token_count == tokens.count_text(
