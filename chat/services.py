@@ -68,8 +68,9 @@ def auto_title(prompt: str) -> str:
 
 @dataclass(frozen=True)
 class _Prepared:
+    """A stored message, ready to generate."""
+
     message: Message
-    created: bool
     turns: list[llm.ChatTurn]
     options: llm.GenerationOptions
     new_conversation: bool
@@ -104,69 +105,92 @@ def _conversation_for_request(conversation_id: int) -> Conversation:
         ) from None
 
 
-def _prepare_message(
+@dataclass(frozen=True)
+class _Plan:
+    """A new message before it is stored: where it goes, how it is generated, what is sent."""
+
+    conversation: Conversation | None  # None: the message starts a new conversation
+    options: llm.GenerationOptions
+    turns: list[llm.ChatTurn]
+    context_ids: list[int]
+    prompt_token_count: int | None
+    fingerprint: str
+
+
+def _plan_message(
     *,
     prompt: str,
-    conversation_id: int | None,
+    conversation: Conversation | None,
     model: str | None,
     temperature: float | None,
     max_tokens: int | None,
-    idempotency_key: str | None,
-) -> _Prepared:
-    """Store the prompt (and a new conversation if none was given) and build its context."""
-    conversation = _conversation_for_request(conversation_id) if conversation_id else None
+) -> _Plan:
+    """Options and context of a new message; reads the conversation's history, if any."""
     options = _resolve_options(
         conversation, model=model, temperature=temperature, max_tokens=max_tokens
     )
     fingerprint = request_fingerprint(
-        prompt=prompt, conversation_id=conversation_id, options=options
+        prompt=prompt, conversation_id=conversation.pk if conversation else None, options=options
     )
-    system_prompt = conversation.system_prompt if conversation else ""
-    if conversation is not None:
-        context = build_context(
-            conversation_id=conversation.pk,
-            prompt=prompt,
-            model=options.model,
-            system_prompt=system_prompt,
-        )
-        turns, context_ids = context.turns, context.message_ids
-        prompt_token_count = context.prompt_token_count
-    else:
+    if conversation is None:
         # A first message sends no history: nothing to count until it becomes history.
-        turns, context_ids = [{"role": "user", "content": prompt}], []
-        prompt_token_count = None
-    try:
-        with transaction.atomic():
-            now = timezone.now()
-            if conversation is None:
-                conversation = db.insert(
-                    Conversation(title=auto_title(prompt), created_at=now, updated_at=now)
-                )
-            else:
-                Conversation.objects.filter(pk=conversation.pk).update(updated_at=now)
-            message = db.insert(
-                Message(
-                    conversation=conversation,
-                    prompt_message=prompt,
-                    created_at=now,
-                    model=options.model,
-                    temperature=options.temperature,
-                    max_tokens=options.max_tokens,
-                    status=MessageStatus.PENDING,
-                    context_message_ids=context_ids,
-                    prompt_token_count=prompt_token_count,
-                    idempotency_key=idempotency_key,
-                    request_fingerprint=fingerprint,
-                )
-            )
-    except IntegrityError:
-        if idempotency_key is None:
-            raise
-        existing = Message.objects.get(idempotency_key=idempotency_key)
-        if existing.request_fingerprint != fingerprint:
-            raise IdempotencyKeyMismatch(extra={"message_id": existing.pk}) from None
-        return _Prepared(existing, False, [], options, False)
-    return _Prepared(message, True, turns, options, conversation_id is None)
+        return _Plan(None, options, [{"role": "user", "content": prompt}], [], None, fingerprint)
+    context = build_context(
+        conversation_id=conversation.pk,
+        prompt=prompt,
+        model=options.model,
+        system_prompt=conversation.system_prompt,
+    )
+    return _Plan(
+        conversation,
+        options,
+        context.turns,
+        context.message_ids,
+        context.prompt_token_count,
+        fingerprint,
+    )
+
+
+def _plan_follow_up(*, conversation_id: int, **request: object) -> _Plan:
+    conversation = _conversation_for_request(conversation_id)
+    return _plan_message(conversation=conversation, **request)  # type: ignore[arg-type]
+
+
+def _insert_prompt(plan: _Plan, *, prompt: str, idempotency_key: str | None) -> Message:
+    """Store the prompt as a pending message (and its new conversation). Runs in `db.write`."""
+    now = timezone.now()
+    conversation = plan.conversation
+    if conversation is None:
+        conversation = db.insert(
+            Conversation(title=auto_title(prompt), created_at=now, updated_at=now)
+        )
+    else:
+        conversation.updated_at = now
+        db.update(conversation, ["updated_at"])
+    options = plan.options
+    return db.insert(
+        Message(
+            conversation=conversation,
+            prompt_message=prompt,
+            created_at=now,
+            model=options.model,
+            temperature=options.temperature,
+            max_tokens=options.max_tokens,
+            status=MessageStatus.PENDING,
+            context_message_ids=plan.context_ids,
+            prompt_token_count=plan.prompt_token_count,
+            idempotency_key=idempotency_key,
+            request_fingerprint=plan.fingerprint,
+        )
+    )
+
+
+def _idempotent_replay(idempotency_key: str, fingerprint: str) -> Message:
+    """The message an earlier request with this key stored; the same body is required."""
+    existing = Message.objects.get(idempotency_key=idempotency_key)
+    if existing.request_fingerprint != fingerprint:
+        raise IdempotencyKeyMismatch(extra={"message_id": existing.pk})
+    return existing
 
 
 def _prepare_regeneration(
@@ -210,7 +234,7 @@ def _prepare_regeneration(
         message.prompt_token_count = context.prompt_token_count
         message.save()
         Conversation.objects.filter(pk=conversation.pk).update(updated_at=timezone.now())
-    return _Prepared(message, True, context.turns, options, False)
+    return _Prepared(message, context.turns, options, False)
 
 
 def _archived_reply(message: Message) -> dict:
@@ -297,7 +321,7 @@ async def _produce(
             now = time.monotonic()
             if last_saved is None or now - last_saved >= settings.CHAT_STREAM_SAVE_INTERVAL:
                 last_saved = now
-                await db.run(_record_partial, message, generation.text)
+                await db.write(_record_partial, message, generation.text)
         else:
             completion = event
     assert completion is not None
@@ -336,11 +360,11 @@ async def _generate(
     try:
         if error is None:
             assert completion is not None
-            await db.run(_record_completion, message, completion)
+            await db.write(_record_completion, message, completion)
         else:
             error.extra["message_id"] = message.pk
             latency_ms = int((time.monotonic() - started) * 1000)
-            await db.run(_record_failure, message, error, generation.text, status, latency_ms)
+            await db.write(_record_failure, message, error, generation.text, status, latency_ms)
     except Exception:
         logger.exception("could not store the outcome of message %s", message.pk)
         error = error or InternalError(extra={"message_id": message.pk})
@@ -436,21 +460,30 @@ async def start_message(
     (`replayed=True`) and nothing new is started; with a different body,
     `IdempotencyKeyMismatch` is raised.
     """
-    prepared = await db.run(
-        _prepare_message,
-        prompt=prompt,
-        conversation_id=conversation_id,
-        model=model,
-        temperature=temperature,
-        max_tokens=max_tokens,
-        idempotency_key=idempotency_key,
-    )
-    if not prepared.created:
-        return StartedMessage(message=prepared.message, replayed=True)
+    request = {
+        "prompt": prompt,
+        "model": model,
+        "temperature": temperature,
+        "max_tokens": max_tokens,
+    }
+    if conversation_id is None:
+        plan = _plan_message(conversation=None, **request)
+    else:
+        plan = await db.run(_plan_follow_up, conversation_id=conversation_id, **request)
+    try:
+        message = await db.write(
+            _insert_prompt, plan, prompt=prompt, idempotency_key=idempotency_key
+        )
+    except IntegrityError:
+        if idempotency_key is None:
+            raise
+        existing = await db.run(_idempotent_replay, idempotency_key, plan.fingerprint)
+        return StartedMessage(message=existing, replayed=True)
+    prepared = _Prepared(message, plan.turns, plan.options, plan.conversation is None)
     if not llm.is_configured():
         # Kept like any failed prompt: retried with regenerate once a key is configured.
         error = ServiceNotConfigured(extra={"message_id": prepared.message.pk})
-        await db.run(_record_failure, prepared.message, error, "", MessageStatus.FAILED, 0)
+        await db.write(_record_failure, prepared.message, error, "", MessageStatus.FAILED, 0)
         raise error
     _launch(prepared, stream=stream)
     return StartedMessage(message=prepared.message, replayed=False)

@@ -112,6 +112,8 @@ else:
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # Threads that run ORM work for the async chat path (each keeps one database connection).
 DATABASE_THREADS = env.int("DATABASE_THREADS", default=4)
+# SQLite only: the chat's two short writes are tried on the event loop itself (chat.db.write).
+DATABASE_INLINE_WRITES = env.bool("DATABASE_INLINE_WRITES", default=True)
 # Seconds between GIL hand-overs (Python's default is 0.005); see config/asgi.py.
 GIL_SWITCH_INTERVAL = env.float("GIL_SWITCH_INTERVAL", default=0.0005)
 

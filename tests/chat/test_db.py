@@ -1,9 +1,15 @@
-"""chat.db's precompiled writes store exactly what the ORM would."""
+"""chat.db's precompiled writes store exactly what the ORM would; chat.db.write runs them in short
+transactions, on the event loop where it can."""
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
+import threading
+import time
+
 import pytest
-from django.db import DatabaseError
+from django.db import DatabaseError, IntegrityError, connection
 from django.utils import timezone
 
 from chat import db
@@ -58,3 +64,74 @@ def test_updating_a_deleted_row_is_an_error_not_a_reinsert():
     with pytest.raises(DatabaseError):
         db.update(message, ["response"])
     assert not Message.objects.filter(pk=message.pk).exists()
+
+
+# --- chat.db.write: short writes on the event loop (SQLite) ---------------------------------
+
+sqlite_only = pytest.mark.skipif(
+    connection.vendor != "sqlite", reason="writes run on the event loop only on SQLite"
+)
+
+
+def _store_conversation(title: str) -> Conversation:
+    return db.insert(Conversation(title=title))
+
+
+class _Ticker:
+    """Counts event loop turns while a write is pending: a blocked loop does not tick."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+        self.task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(0.005)
+            self.ticks += 1
+
+
+@sqlite_only
+async def test_a_write_runs_on_the_event_loop_thread_and_is_committed():
+    threads = []
+
+    def store(title: str) -> Conversation:
+        threads.append(threading.get_ident())
+        return _store_conversation(title)
+
+    conversation = await db.write(store, "on the loop")
+    assert threads == [threading.get_ident()]  # no hop to a database thread
+    stored = await Conversation.objects.aget(pk=conversation.pk)
+    assert stored.title == "on the loop"
+
+
+@sqlite_only
+@pytest.mark.parametrize("held_for", [0.02, 0.3])
+async def test_a_write_waits_for_a_lock_held_elsewhere_without_blocking_the_loop(held_for):
+    # Another process's writer, in effect: a connection of its own holding the write lock.
+    other = sqlite3.connect(connection.settings_dict["NAME"], isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    ticker = _Ticker()
+    asyncio.get_running_loop().call_later(held_for, other.execute, "COMMIT")
+    started = time.monotonic()
+    try:
+        conversation = await db.write(_store_conversation, "after the lock")
+    finally:
+        ticker.task.cancel()
+        if other.in_transaction:
+            other.execute("ROLLBACK")
+        other.close()
+    waited = time.monotonic() - started
+    assert waited >= held_for * 0.9
+    assert ticker.ticks >= held_for / 0.005 * 0.5  # the loop kept running while it waited
+    assert (await Conversation.objects.aget(pk=conversation.pk)).title == "after the lock"
+
+
+async def test_a_write_that_fails_keeps_nothing_and_raises_the_databases_error():
+    def store_twice_with_one_key() -> None:
+        conversation = _store_conversation("kept?")
+        for _ in range(2):
+            db.insert(Message(conversation=conversation, prompt_message="x", idempotency_key="k"))
+
+    with pytest.raises(IntegrityError):
+        await db.write(store_twice_with_one_key)
+    assert not await Conversation.objects.filter(title="kept?").aexists()
