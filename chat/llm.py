@@ -25,6 +25,7 @@ import openai
 from django.conf import settings
 
 from chat import errors
+from chat.http_transport import HTTPTransport
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,12 @@ def get_client() -> openai.AsyncOpenAI:
         max_connections=settings.OPENAI_MAX_CONNECTIONS,
         max_keepalive_connections=settings.OPENAI_MAX_CONNECTIONS,
     )
-    if settings.OPENAI_HTTP_BACKEND == "aiohttp":
+    if settings.OPENAI_HTTP_BACKEND == "httptools":
+        http_client = openai.DefaultAsyncHttpxClient(
+            timeout=timeout,
+            transport=HTTPTransport(max_connections=settings.OPENAI_MAX_CONNECTIONS),
+        )
+    elif settings.OPENAI_HTTP_BACKEND == "aiohttp":
         http_client = openai.DefaultAioHttpClient(timeout=timeout, limits=limits)
     else:
         http_client = openai.DefaultAsyncHttpxClient(timeout=timeout, limits=limits)

@@ -11,6 +11,8 @@ At startup, generations left `pending`/`streaming` by a process that died are ma
 `interrupted` with their partial text, so no message stays pending forever.
 """
 
+import asyncio
+import gc
 import logging
 import os
 import sys
@@ -19,8 +21,10 @@ import django
 from django.conf import settings
 from django.core import signals
 from django.core.cache import close_caches
-from django.core.handlers.asgi import ASGIHandler
+from django.core.exceptions import RequestAborted
+from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.db import close_old_connections, reset_queries
+from django.urls import set_script_prefix
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 django.setup(set_prefix=False)
@@ -37,13 +41,69 @@ signals.request_finished.disconnect(close_caches)
 
 
 class APIHandler(ASGIHandler):
+    """Django's ASGI handler, without its two hops to a thread per request.
+
+    Django wraps each request in a ThreadSensitiveContext (a thread of its own the first time
+    the request runs sync code) and calls `response.close()` through `sync_to_async`. The API's
+    views run no sync code on the loop's behalf (chat.api.base), and `response.close()` only
+    sends `request_finished`, whose receivers here (Django's URLconf reset) do no I/O, so it
+    runs inline. `handle` is Django 5.2's own with that one change; a thread wake-up costs far
+    more CPU than the close itself (BENCHMARKS.md).
+    """
+
     async def __call__(self, scope, receive, send) -> None:
-        # Django wraps each request in a ThreadSensitiveContext, which starts (and joins) a
-        # thread of its own the first time the request runs sync code. The API's views keep
-        # the ORM on chat.db's threads, so the only sync call left per request is Django's
-        # response.close(); without the per-request context it runs on asgiref's one
-        # long-lived thread instead.
         await self.handle(scope, receive, send)
+
+    async def handle(self, scope, receive, send) -> None:
+        try:
+            body_file = await self.read_body(receive)
+        except RequestAborted:
+            return
+        set_script_prefix(get_script_prefix(scope))
+        await signals.request_started.asend(sender=self.__class__, scope=scope)
+        request, error_response = self.create_request(scope, body_file)
+        if request is None:
+            body_file.close()
+            await self.send_response(error_response, send)
+            error_response.close()
+            return
+
+        async def process_request(request, send):
+            response = await self.run_get_response(request)
+            try:
+                await self.send_response(response, send)
+            except asyncio.CancelledError:
+                pass  # the client went away while the response was sent
+            return response
+
+        # As Django does: the view is cancelled if the client disconnects first.
+        tasks = [
+            asyncio.create_task(self.listen_for_disconnect(receive)),
+            asyncio.create_task(process_request(request, send)),
+        ]
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            if task.done():
+                try:
+                    task.result()
+                except RequestAborted:
+                    pass
+                except AssertionError:
+                    body_file.close()
+                    raise
+            else:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        try:
+            response = tasks[1].result()
+        except asyncio.CancelledError:
+            await signals.request_finished.asend(sender=self.__class__)
+        else:
+            response.close()
+        body_file.close()
 
     def load_middleware(self, is_async: bool = False) -> None:
         full_stack = settings.MIDDLEWARE
@@ -62,12 +122,25 @@ from chat import services  # noqa: E402  (needs the app registry loaded above)
 logger = logging.getLogger(__name__)
 
 
+def _tune_garbage_collector() -> None:
+    """Python's cyclic GC runs every 700 net allocations by default, and each full collection
+    walks every object alive, Django's and the libraries' included: about a tenth of the CPU of
+    a chat (BENCHMARKS.md). The objects that exist once the process has started live as long
+    as it does, so they are frozen out of collections, and collections run less often."""
+    gc.collect()
+    gc.freeze()
+    if settings.GC_GEN0_THRESHOLD:
+        _, gen1, gen2 = gc.get_threshold()
+        gc.set_threshold(settings.GC_GEN0_THRESHOLD, gen1, gen2)
+
+
 async def _lifespan(receive, send) -> None:
     while True:
         event = await receive()
         if event["type"] == "lifespan.startup":
             try:
                 await services.on_server_startup()
+                _tune_garbage_collector()
             except Exception as exc:
                 logger.exception("startup failed")
                 await send({"type": "lifespan.startup.failed", "message": str(exc)})

@@ -116,6 +116,9 @@ DATABASE_THREADS = env.int("DATABASE_THREADS", default=4)
 DATABASE_INLINE_WRITES = env.bool("DATABASE_INLINE_WRITES", default=True)
 # Seconds between GIL hand-overs (Python's default is 0.005); see config/asgi.py.
 GIL_SWITCH_INTERVAL = env.float("GIL_SWITCH_INTERVAL", default=0.0005)
+# Allocations between collections of the youngest GC generation (Python's default: 700; 0 keeps
+# it); see config/asgi.py.
+GC_GEN0_THRESHOLD = env.int("GC_GEN0_THRESHOLD", default=10000)
 
 # --- Cache ------------------------------------------------------------------------------------
 REDIS_URL = env.str("REDIS_URL", default="")
@@ -153,8 +156,13 @@ OPENAI_TIMEOUT = env.float("OPENAI_TIMEOUT", default=30.0)
 OPENAI_MAX_RETRIES = env.int("OPENAI_MAX_RETRIES", default=2)
 # Upstream connections the service may hold open at once (per server process).
 OPENAI_MAX_CONNECTIONS = env.int("OPENAI_MAX_CONNECTIONS", default=2000)
-# HTTP transport under the SDK: "aiohttp" (measured faster, see BENCHMARKS.md) or "httpx".
-OPENAI_HTTP_BACKEND = env.str("OPENAI_HTTP_BACKEND", default="aiohttp")
+# HTTP transport under the SDK: "httptools" (chat/http_transport.py; the least CPU, see
+# BENCHMARKS.md), "aiohttp" (the SDK's adapter) or "httpx" (its default, which honours proxies).
+OPENAI_HTTP_BACKEND = env.str("OPENAI_HTTP_BACKEND", default="httptools")
+if OPENAI_HTTP_BACKEND not in ("httptools", "aiohttp", "httpx"):
+    raise ImproperlyConfigured(
+        f"OPENAI_HTTP_BACKEND must be httptools, aiohttp or httpx, not {OPENAI_HTTP_BACKEND!r}."
+    )
 
 # Models a request (or a conversation) may choose; the default model is always allowed.
 OPENAI_ALLOWED_MODELS = sorted(

@@ -50,6 +50,13 @@ def fake_openai(fake_openai_server: FakeOpenAI, settings) -> Iterator[FakeOpenAI
     fake_openai_server.reset()
 
 
+@pytest.fixture(params=["httptools", "aiohttp", "httpx"])
+def http_backend(request, settings) -> str:
+    """Runs a test once per HTTP transport the SDK can be given (OPENAI_HTTP_BACKEND)."""
+    settings.OPENAI_HTTP_BACKEND = request.param
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 async def _drain_generations() -> Any:
     """Let generations started by a test finish inside its event loop."""

@@ -175,7 +175,7 @@ async def test_without_an_api_key_sending_is_a_503_and_listing_works(
     ],
 )
 async def test_upstream_failure_maps_to_a_json_error_and_keeps_the_prompt(
-    async_client, fake_openai, settings, fault, kwargs, status, code
+    async_client, fake_openai, settings, http_backend, fault, kwargs, status, code
 ):
     settings.OPENAI_TIMEOUT = 0.5
     fake_openai.fail_next(fault, **kwargs)

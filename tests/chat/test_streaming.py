@@ -24,7 +24,9 @@ async def post_stream(client, body, **kwargs):
     )
 
 
-async def test_a_streamed_reply_is_sent_in_deltas_and_stored_whole(async_client, fake_openai):
+async def test_a_streamed_reply_is_sent_in_deltas_and_stored_whole(
+    async_client, fake_openai, http_backend
+):
     fake_openai.stream_chunks = 6
     fake_openai.latency = 0.3
     response = await post_stream(async_client, {"prompt_message": "stream this please"})
@@ -86,7 +88,9 @@ async def test_an_upstream_error_becomes_an_error_event_and_the_prompt_is_kept(
     assert stored.status == "failed" and stored.prompt_message == "x"
 
 
-async def test_a_stream_cut_without_finish_reason_is_stored_as_truncated(async_client, fake_openai):
+async def test_a_stream_cut_without_finish_reason_is_stored_as_truncated(
+    async_client, fake_openai, http_backend
+):
     fake_openai.stream_chunks = 10
     fake_openai.fail_next("cut")
     body = await read_streaming(await post_stream(async_client, {"prompt_message": "a b c d e f"}))

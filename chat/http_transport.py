@@ -1,0 +1,290 @@
+"""A lean HTTP/1.1 transport for the SDK's HTTP client (httpx2), on asyncio and httptools.
+
+The `openai` SDK sends every request through an httpx2 client; what carries the bytes is a
+pluggable transport. httpx2's own (httpcore) and the SDK's aiohttp adapter cost 0.4-0.6 ms of
+CPU per chat call in their connection pools, request objects and adapters (BENCHMARKS.md),
+more than the rest of the call. This one does only what a client of one API needs: keep-alive
+connections per origin (a pool with a size limit), requests with a body of bytes, responses
+parsed by httptools (the C parser uvicorn uses), streamed to the SDK as they arrive, and
+httpx2's own exceptions for timeouts and broken connections, which the SDK turns into its
+APITimeoutError / APIConnectionError. HTTPS uses the system's trust store. Proxies are not
+supported: use OPENAI_HTTP_BACKEND=httpx behind one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+import time
+from collections.abc import AsyncIterator
+
+import httptools
+import httpx2
+
+Origin = tuple[str, str, int]  # scheme, host, port
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection; one request at a time."""
+
+    def __init__(self, origin: Origin) -> None:
+        self.origin = origin
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self._parser: httptools.HttpResponseParser | None = None
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._complete = False
+        self._keep_alive = False
+        self._body_until_close = False
+        self._error: Exception | None = None
+        self._waiter: asyncio.Future | None = None
+        self._headers_done: asyncio.Future | None = None
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self._parser is None:  # bytes nobody asked for: the connection is unusable
+            self._fail(httpx2.RemoteProtocolError("Unexpected data on an idle connection."))
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(httpx2.RemoteProtocolError("Unexpected protocol upgrade."))
+        except httptools.HttpParserError as exc:
+            self._fail(httpx2.RemoteProtocolError(f"Malformed HTTP response: {exc}"))
+
+    def eof_received(self) -> bool | None:
+        self._ended(None)
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._ended(exc)
+
+    def _ended(self, exc: Exception | None) -> None:
+        if exc is None and self._body_until_close and not self._complete:
+            # A response with neither Content-Length nor chunked encoding ends with the stream.
+            self._keep_alive = False
+            self.on_message_complete()
+        elif exc is not None:
+            self._fail(httpx2.ReadError(f"The connection broke: {exc}"))
+        else:
+            self._fail(httpx2.RemoteProtocolError("Server disconnected before the response ended."))
+        self.closed = True
+
+    # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        # llhttp answers this only until the message is complete.
+        self._keep_alive = self._parser.should_keep_alive()
+        framed = {name.lower() for name, _ in self._headers} & {
+            b"content-length",
+            b"transfer-encoding",
+        }
+        self._body_until_close = not framed
+        if self._headers_done is not None and not self._headers_done.done():
+            self._headers_done.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        self._chunks.append(body)
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        self._complete = True
+        if self._headers_done is not None and not self._headers_done.done():
+            self._headers_done.set_result(None)
+        self._wake()
+
+    # internals
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _fail(self, error: Exception) -> None:
+        self.closed = True
+        if self._complete:
+            return
+        if self._error is None:
+            self._error = error
+        if self._headers_done is not None and not self._headers_done.done():
+            self._headers_done.set_exception(error)
+        self._wake()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    async def send(
+        self, request_head: bytes, body: bytes, read_timeout: float | None
+    ) -> tuple[int, list[tuple[bytes, bytes]]]:
+        """Send a request and wait for the response's head: (status, headers)."""
+        loop = asyncio.get_running_loop()
+        self._parser = httptools.HttpResponseParser(self)
+        self._headers = []
+        self._chunks.clear()
+        self._complete = False
+        self._keep_alive = False
+        self._body_until_close = False
+        self._error = None
+        self._headers_done = loop.create_future()
+        assert self.transport is not None
+        self.transport.write(request_head + body)
+        try:
+            async with asyncio.timeout(read_timeout):
+                await self._headers_done
+        except TimeoutError:
+            self.close()
+            raise httpx2.ReadTimeout("Timed out waiting for the response.") from None
+        return self._parser.get_status_code(), self._headers
+
+    async def body(self, read_timeout: float | None) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        while True:
+            while self._chunks:
+                yield self._chunks.popleft()
+            if self._complete:
+                return
+            if self._error is not None:
+                raise self._error
+            self._waiter = loop.create_future()
+            try:
+                async with asyncio.timeout(read_timeout):
+                    await self._waiter
+            except TimeoutError:
+                self.close()
+                raise httpx2.ReadTimeout("Timed out reading the response.") from None
+            finally:
+                self._waiter = None
+
+    @property
+    def reusable(self) -> bool:
+        return self._complete and self._keep_alive and not self.closed
+
+
+class _ResponseStream(httpx2.AsyncByteStream):
+    def __init__(self, pool: HTTPTransport, connection: _Connection, read_timeout: float | None):
+        self._pool = pool
+        self._connection = connection
+        self._read_timeout = read_timeout
+        self._released = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._connection.body(self._read_timeout):
+            yield chunk
+        self._release()
+
+    async def aclose(self) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._pool.release(self._connection)
+
+
+class HTTPTransport(httpx2.AsyncBaseTransport):
+    """Keep-alive HTTP/1.1 connections per origin, at most `max_connections` in all."""
+
+    def __init__(self, *, max_connections: int = 100, keepalive_expiry: float = 30.0) -> None:
+        self._idle: dict[Origin, collections.deque[_Connection]] = collections.defaultdict(
+            collections.deque
+        )
+        self._slots = asyncio.Semaphore(max_connections)
+        self._keepalive_expiry = keepalive_expiry
+        self._ssl: ssl.SSLContext | None = None
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        return self._ssl
+
+    async def _connect(self, origin: Origin, timeout: float | None) -> _Connection:
+        scheme, host, port = origin
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(origin),
+                    host,
+                    port,
+                    ssl=self._ssl_context() if scheme == "https" else None,
+                )
+        except TimeoutError:
+            raise httpx2.ConnectTimeout(f"Timed out connecting to {host}:{port}.") from None
+        except OSError as exc:
+            raise httpx2.ConnectError(f"Could not connect to {host}:{port}: {exc}") from exc
+        return connection
+
+    def _idle_connection(self, origin: Origin) -> _Connection | None:
+        idle = self._idle.get(origin)
+        now = time.monotonic()
+        while idle:
+            connection = idle.pop()
+            if not connection.closed and now - connection.idle_since < self._keepalive_expiry:
+                return connection
+            connection.close()
+            self._slots.release()
+        return None
+
+    def release(self, connection: _Connection) -> None:
+        if connection.reusable:
+            connection._parser = None
+            connection.idle_since = time.monotonic()
+            self._idle[connection.origin].append(connection)
+        else:
+            connection.close()
+            self._slots.release()
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        url = request.url
+        scheme = url.scheme
+        if scheme not in ("http", "https"):
+            raise httpx2.UnsupportedProtocol(f"Unsupported URL scheme {scheme!r}.")
+        port = url.port or (443 if scheme == "https" else 80)
+        origin = (scheme, url.host, port)
+        timeouts = request.extensions.get("timeout", {})
+        body = await request.aread()
+
+        connection = self._idle_connection(origin)
+        if connection is None:
+            try:
+                async with asyncio.timeout(timeouts.get("pool")):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise httpx2.PoolTimeout("No connection became free in time.") from None
+            try:
+                connection = await self._connect(origin, timeouts.get("connect"))
+            except BaseException:
+                self._slots.release()
+                raise
+
+        head = [f"{request.method} {url.raw_path.decode('ascii')} HTTP/1.1\r\n".encode("ascii")]
+        for name, value in request.headers.raw:
+            head.append(name + b": " + value + b"\r\n")
+        head.append(b"\r\n")
+        try:
+            status, headers = await connection.send(b"".join(head), body, timeouts.get("read"))
+        except BaseException:
+            connection.close()
+            self._slots.release()
+            raise
+        return httpx2.Response(
+            status_code=status,
+            headers=headers,
+            stream=_ResponseStream(self, connection, timeouts.get("read")),
+            request=request,
+            extensions={"http_version": b"HTTP/1.1"},
+        )
+
+    async def aclose(self) -> None:
+        for idle in self._idle.values():
+            while idle:
+                idle.pop().close()
+        self._idle.clear()
