@@ -28,7 +28,6 @@ from django.db import (
     transaction,
 )
 from django.db.backends.base.base import BaseDatabaseWrapper
-from django.db.backends.sqlite3.base import SQLiteCursorWrapper
 from django.db.models import Field, Model
 
 logger = logging.getLogger(__name__)
@@ -108,7 +107,7 @@ class _LoopWriter:
         self.raw: sqlite3.Connection = wrapper.connection
         self.raw.execute("PRAGMA busy_timeout = 0")
         self.raw.execute("PRAGMA wal_autocheckpoint = 0")
-        self.cursor = self.raw.cursor(factory=SQLiteCursorWrapper)
+        self.cursor = self.raw.cursor()
         self.writes = 0
         self.checkpoint: asyncio.Future | None = None
 
@@ -214,8 +213,9 @@ async def write(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
 # reads back through the ORM unchanged.
 
 
-def _target() -> tuple[BaseDatabaseWrapper, Any]:
-    """The connection to write with, and its cursor if it is an event loop's own."""
+def _target() -> tuple[BaseDatabaseWrapper, sqlite3.Cursor | None]:
+    """The connection to write with, and its cursor if it is an event loop's own (a plain
+    sqlite3 cursor: statements for it use sqlite3's own `?` placeholders)."""
     writer: _LoopWriter | None = getattr(_inline, "writer", None)
     if writer is not None:
         return writer.wrapper, writer.cursor
@@ -253,15 +253,15 @@ def _db_values(
 
 
 def _insert_statement(
-    model: type[Model], conn: BaseDatabaseWrapper
+    model: type[Model], conn: BaseDatabaseWrapper, placeholder: str
 ) -> tuple[str, tuple[Field, ...]]:
-    key = ("insert", model, conn.vendor)
+    key = ("insert", model, conn.vendor, placeholder)
     if key not in _statements:
         meta = model._meta
         fields = tuple(f for f in meta.concrete_fields if not f.primary_key)
         quote = conn.ops.quote_name
         columns = ", ".join(quote(f.column) for f in fields)
-        placeholders = ", ".join(["%s"] * len(fields))
+        placeholders = ", ".join([placeholder] * len(fields))
         # Identifiers come from model metadata, quoted by Django; values are always parameters.
         sql = f"INSERT INTO {quote(meta.db_table)} ({columns}) VALUES ({placeholders})"  # noqa: S608
         if conn.features.can_return_columns_from_insert:
@@ -274,7 +274,7 @@ def insert(obj: Model) -> Model:
     """INSERT `obj` (a new row) and set its primary key; like obj.save() for a new object."""
     conn, inline_cursor = _target()
     returning = conn.features.can_return_columns_from_insert
-    sql, fields = _insert_statement(type(obj), conn)
+    sql, fields = _insert_statement(type(obj), conn, "%s" if inline_cursor is None else "?")
     params = _db_values(obj, fields, conn, add=True)
     if inline_cursor is not None:
         inline_cursor.execute(sql, params)
@@ -290,16 +290,16 @@ def insert(obj: Model) -> Model:
 
 
 def _update_statement(
-    model: type[Model], names: tuple[str, ...], conn: BaseDatabaseWrapper
+    model: type[Model], names: tuple[str, ...], conn: BaseDatabaseWrapper, placeholder: str
 ) -> tuple[str, tuple[Field, ...]]:
-    key = ("update", model, names, conn.vendor)
+    key = ("update", model, names, conn.vendor, placeholder)
     if key not in _statements:
         meta = model._meta
         fields = tuple(meta.get_field(name) for name in names)
         quote = conn.ops.quote_name
-        assignments = ", ".join(f"{quote(f.column)} = %s" for f in fields)
+        assignments = ", ".join(f"{quote(f.column)} = {placeholder}" for f in fields)
         table, pk = quote(meta.db_table), quote(meta.pk.column)
-        sql = f"UPDATE {table} SET {assignments} WHERE {pk} = %s"  # noqa: S608
+        sql = f"UPDATE {table} SET {assignments} WHERE {pk} = {placeholder}"  # noqa: S608
         _statements[key] = sql, fields
     return _statements[key]
 
@@ -308,7 +308,8 @@ def update(obj: Model, names: Sequence[str]) -> None:
     """UPDATE the given fields of `obj`'s row; like obj.save(update_fields=names), and like it
     an error when the row is gone."""
     conn, inline_cursor = _target()
-    sql, fields = _update_statement(type(obj), tuple(names), conn)
+    placeholder = "%s" if inline_cursor is None else "?"
+    sql, fields = _update_statement(type(obj), tuple(names), conn, placeholder)
     params = _db_values(obj, fields, conn, add=False)
     params.append(obj.pk)
     if inline_cursor is not None:

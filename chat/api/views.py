@@ -32,6 +32,7 @@ from chat.errors import InvalidRequest
 from chat.models import Message
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+IDEMPOTENCY_META_KEY = "HTTP_IDEMPOTENCY_KEY"  # how Django stores the header in request.META
 
 ERROR_EXAMPLE = {
     "error": {
@@ -48,7 +49,7 @@ def _serialize(message: Message) -> dict:
 
 
 def _idempotency_key(request: Request) -> str | None:
-    key = request.headers.get(IDEMPOTENCY_HEADER)
+    key = request.META.get(IDEMPOTENCY_META_KEY)
     if key is None:
         return None
     key = key.strip()
@@ -69,7 +70,7 @@ def _event_stream(message: Message) -> HttpResponseBase:
 
 
 def _wants_stream(request: Request, data: dict) -> bool:
-    return bool(data.get("stream")) or sse.CONTENT_TYPE in request.headers.get("Accept", "")
+    return bool(data.get("stream")) or sse.CONTENT_TYPE in request.META.get("HTTP_ACCEPT", "")
 
 
 class MessageCreateView(AsyncAPIView):
