@@ -18,6 +18,7 @@ import collections
 import ssl
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httptools
 import httpx2
@@ -288,3 +289,102 @@ class HTTPTransport(httpx2.AsyncBaseTransport):
             while idle:
                 idle.pop().close()
         self._idle.clear()
+
+
+class LeanAsyncClient(httpx2.AsyncClient):
+    """The httpx2 client the SDK is given with HTTPTransport.
+
+    httpx2's client merges client-level headers, cookies and query parameters into every
+    request, parses its URL again, runs auth and redirect flows and a cookie jar over every
+    response: about a third of the CPU of a chat call here (BENCHMARKS.md), for features a
+    client of one JSON API does not use (the SDK sets every header, authenticates with one,
+    and the API neither redirects nor sets cookies). This client sends the SDK's request as it
+    is built; anything beyond that (form data, files, query parameters, cookies, an auth
+    flow) takes httpx2's own path. Redirects are not followed: a 3xx reaches the SDK as an
+    error, which for a misconfigured OPENAI_BASE_URL says more than a silent hop.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._urls: dict[str, httpx2.URL] = {}
+
+    def _url(self, url: httpx2.URL | str) -> httpx2.URL:
+        if isinstance(url, httpx2.URL):
+            return url
+        parsed = self._urls.get(url)
+        if parsed is None:
+            parsed = self._merge_url(url)
+            if len(self._urls) < 64:  # the SDK calls a handful of endpoints
+                self._urls[url] = parsed
+        return parsed
+
+    def build_request(  # type: ignore[override]
+        self,
+        method: str,
+        url: httpx2.URL | str,
+        *,
+        content: Any = None,
+        data: Any = None,
+        files: Any = None,
+        json: Any = None,
+        params: Any = None,
+        headers: Any = None,
+        cookies: Any = None,
+        timeout: Any = httpx2.USE_CLIENT_DEFAULT,
+        extensions: dict | None = None,
+    ) -> httpx2.Request:
+        if data is not None or files is not None or params or cookies or self.cookies:
+            return super().build_request(
+                method,
+                url,
+                content=content,
+                data=data,
+                files=files,
+                json=json,
+                params=params,
+                headers=headers,
+                cookies=cookies,
+                timeout=timeout,
+                extensions=extensions,
+            )
+        extensions = {} if extensions is None else extensions
+        if "timeout" not in extensions:
+            chosen = (
+                self.timeout
+                if isinstance(timeout, type(httpx2.USE_CLIENT_DEFAULT))
+                else httpx2.Timeout(timeout)
+            )
+            extensions = {**extensions, "timeout": chosen.as_dict()}
+        return httpx2.Request(
+            method,
+            self._url(url),
+            content=content,
+            json=json,
+            headers=headers,
+            extensions=extensions,
+        )
+
+    async def send(  # type: ignore[override]
+        self,
+        request: httpx2.Request,
+        *,
+        stream: bool = False,
+        auth: Any = httpx2.USE_CLIENT_DEFAULT,
+        follow_redirects: Any = httpx2.USE_CLIENT_DEFAULT,
+    ) -> httpx2.Response:
+        if self.is_closed:
+            raise RuntimeError("Cannot send a request, as the client has been closed.")
+        if auth is not httpx2.USE_CLIENT_DEFAULT or self.auth is not None:
+            return await super().send(
+                request, stream=stream, auth=auth, follow_redirects=follow_redirects
+            )
+        response = await self._transport.handle_async_request(request)
+        response.request = request
+        response.default_encoding = self._default_encoding
+        if not stream:
+            try:
+                await response.aread()
+            except BaseException:
+                await response.aclose()
+                raise
+        return response

@@ -25,7 +25,7 @@ import openai
 from django.conf import settings
 
 from chat import errors
-from chat.http_transport import HTTPTransport
+from chat.http_transport import HTTPTransport, LeanAsyncClient
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def _upstream() -> _Upstream:
         max_keepalive_connections=settings.OPENAI_MAX_CONNECTIONS,
     )
     if settings.OPENAI_HTTP_BACKEND == "httptools":
-        http_client = openai.DefaultAsyncHttpxClient(
+        http_client = LeanAsyncClient(
             timeout=timeout,
             transport=HTTPTransport(max_connections=settings.OPENAI_MAX_CONNECTIONS),
         )

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import httpx2
 import pytest
 
-from chat.http_transport import HTTPTransport
+from chat.http_transport import HTTPTransport, LeanAsyncClient
 from tests.conftest import TEST_API_KEY
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -112,3 +112,30 @@ async def test_a_slow_answer_is_a_read_timeout_and_a_refused_connection_a_connec
             await client.post(base + "/", content=json.dumps({}).encode(), timeout=0.2)
     with pytest.raises(httpx2.ConnectError):
         await client.get(base + "/")  # the server is gone
+
+
+async def test_the_lean_client_sends_the_request_as_built_and_falls_back_for_the_rest():
+    seen = []
+
+    async def handler(reader, writer):
+        while not reader.at_eof():
+            try:
+                seen.append(await _read_request(reader))
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+            await writer.drain()
+
+    server, base = await _raw_server(handler)
+    async with server, LeanAsyncClient(transport=HTTPTransport()) as client:
+        lean = client.build_request(
+            "POST", base + "/v1/chat", content=b'{"a": 1}', headers={"X-Key": "v"}, timeout=3.0
+        )
+        assert lean.extensions["timeout"]["read"] == 3.0
+        assert (await client.send(lean)).json() == {}
+        with_query = client.build_request("GET", base + "/v1/models", params={"limit": 2})
+        assert with_query.url.query == b"limit=2"
+        assert (await client.send(with_query)).status_code == 200
+    assert seen[0].startswith(b"POST /v1/chat HTTP/1.1\r\n")
+    assert b"\r\nX-Key: v\r\n" in seen[0] and seen[0].endswith(b'\r\n\r\n{"a": 1}')
+    assert seen[1].startswith(b"GET /v1/models?limit=2 HTTP/1.1\r\n")
