@@ -71,6 +71,12 @@ class _Upstream:
     # The endpoint as an absolute URL: the SDK then parses it once per call instead of three
     # times to join it to the base URL.
     completions_url: str
+    # The client's own settings, given per call: the SDK's request options would otherwise
+    # deep-copy a default object for each one on every call.
+    request_options: dict[str, Any]
+
+    def call_options(self) -> dict[str, Any]:
+        return {**self.request_options, "headers": {}}  # nothing shared between calls
 
 
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Upstream] = (
@@ -126,7 +132,12 @@ def _upstream() -> _Upstream:
         max_retries=0,  # retried by _with_retries, within our deadline
         http_client=http_client,
     )
-    upstream = _Upstream(config, client, str(client.base_url).rstrip("/") + CHAT_COMPLETIONS_PATH)
+    upstream = _Upstream(
+        config,
+        client,
+        str(client.base_url).rstrip("/") + CHAT_COMPLETIONS_PATH,
+        {"timeout": timeout, "max_retries": 0},
+    )
     _clients[loop] = upstream
     return upstream
 
@@ -221,7 +232,12 @@ async def complete(*, messages: Sequence[ChatTurn], options: GenerationOptions) 
     deadline = asyncio.get_running_loop().time() + settings.OPENAI_TIMEOUT
     body = _request_body(messages, options, stream=False)
     result = await _with_retries(
-        lambda: upstream.client.post(upstream.completions_url, body=body, cast_to=object),
+        lambda: upstream.client.post(
+            upstream.completions_url,
+            body=body,
+            cast_to=object,
+            options=upstream.call_options(),
+        ),
         deadline,
     )
     latency_ms = int((time.monotonic() - started) * 1000)
@@ -265,6 +281,7 @@ async def stream(
             upstream.completions_url,
             body=body,
             cast_to=object,
+            options=upstream.call_options(),
             stream=True,
             stream_cls=openai.AsyncStream[object],
         ),

@@ -124,13 +124,21 @@ def _plan_message(
     model: str | None,
     temperature: float | None,
     max_tokens: int | None,
+    idempotency_key: str | None,
 ) -> _Plan:
     """Options and context of a new message; reads the conversation's history, if any."""
     options = _resolve_options(
         conversation, model=model, temperature=temperature, max_tokens=max_tokens
     )
-    fingerprint = request_fingerprint(
-        prompt=prompt, conversation_id=conversation.pk if conversation else None, options=options
+    # Only a request with an Idempotency-Key is ever compared with another.
+    fingerprint = (
+        request_fingerprint(
+            prompt=prompt,
+            conversation_id=conversation.pk if conversation else None,
+            options=options,
+        )
+        if idempotency_key is not None
+        else ""
     )
     if conversation is None:
         # A first message sends no history: nothing to count until it becomes history.
@@ -465,6 +473,7 @@ async def start_message(
         "model": model,
         "temperature": temperature,
         "max_tokens": max_tokens,
+        "idempotency_key": idempotency_key,
     }
     if conversation_id is None:
         plan = _plan_message(conversation=None, **request)

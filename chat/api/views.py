@@ -44,8 +44,13 @@ ERROR_EXAMPLE = {
 }
 
 
+# MessageSerializer keeps no per-call state: one instance serves every response, without
+# DRF's per-instance field setup.
+_message_serializer = MessageSerializer()
+
+
 def _serialize(message: Message) -> dict:
-    return MessageSerializer(message).data
+    return _message_serializer.to_representation(message)
 
 
 def _idempotency_key(request: Request) -> str | None:
