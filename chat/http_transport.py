@@ -137,12 +137,12 @@ class _Connection(asyncio.Protocol):
         self._headers_done = loop.create_future()
         assert self.transport is not None
         self.transport.write(request_head + body)
+        timer = self._start_read_timer(read_timeout)
         try:
-            async with asyncio.timeout(read_timeout):
-                await self._headers_done
-        except TimeoutError:
-            self.close()
-            raise httpx2.ReadTimeout("Timed out waiting for the response.") from None
+            await self._headers_done
+        finally:
+            if timer is not None:
+                timer.cancel()
         return self._parser.get_status_code(), self._headers
 
     async def body(self, read_timeout: float | None) -> AsyncIterator[bytes]:
@@ -155,14 +155,23 @@ class _Connection(asyncio.Protocol):
             if self._error is not None:
                 raise self._error
             self._waiter = loop.create_future()
+            timer = self._start_read_timer(read_timeout)
             try:
-                async with asyncio.timeout(read_timeout):
-                    await self._waiter
-            except TimeoutError:
-                self.close()
-                raise httpx2.ReadTimeout("Timed out reading the response.") from None
+                await self._waiter
             finally:
                 self._waiter = None
+                if timer is not None:
+                    timer.cancel()
+
+    # A plain timer rather than asyncio.timeout(): one per wait, on every call.
+    def _start_read_timer(self, timeout: float | None) -> asyncio.TimerHandle | None:
+        if timeout is None:
+            return None
+        return asyncio.get_running_loop().call_later(timeout, self._read_timed_out)
+
+    def _read_timed_out(self) -> None:
+        self._fail(httpx2.ReadTimeout("Timed out waiting for the response."))
+        self.close()
 
     @property
     def reusable(self) -> bool:
