@@ -117,25 +117,26 @@ class APIHandler(ASGIHandler):
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in tasks:
             if task.done():
-                try:
-                    task.result()
-                except RequestAborted:
-                    pass
-                except AssertionError:
+                # Read, not re-raised: a re-raise would tie this frame and the task into a
+                # reference cycle that only the garbage collector frees.
+                error = None if task.cancelled() else task.exception()
+                if isinstance(error, AssertionError):
                     body_file.close()
-                    raise
+                    raise error
+                if error is not None and not isinstance(error, RequestAborted):
+                    raise error
             else:
                 task.cancel()
                 try:
                     await task
                 except asyncio.CancelledError:
                     pass
-        try:
-            response = tasks[1].result()
-        except asyncio.CancelledError:
+        processed = tasks[1]
+        del tasks
+        if processed.cancelled():
             await signals.request_finished.asend(sender=self.__class__)
         else:
-            response.close()
+            processed.result().close()
         body_file.close()
 
     def load_middleware(self, is_async: bool = False) -> None:

@@ -71,9 +71,16 @@ class AsyncAPIView(APIView):
         except Exception as exc:
             response = self.handle_exception(exc)
         self.response = self.finalize_response(request, response, *args, **kwargs)
-        if isinstance(self.response, Response):
-            return _rendered(self.response)
-        return self.response
+        if not isinstance(self.response, Response):
+            return self.response
+        rendered = _rendered(self.response)
+        # DRF ties the view, its request and its response to each other (parser and renderer
+        # contexts); untied, all three are freed by reference counting when the request ends
+        # instead of waiting, alive, for a garbage collection.
+        self.response.renderer_context = None
+        request.parser_context = None
+        self.request = self.response = None
+        return rendered
 
     def finalize_response(self, request, response, *args, **kwargs):  # type: ignore[override]
         response = super().finalize_response(request, response, *args, **kwargs)
