@@ -14,7 +14,7 @@ CREATE_URL = "/api/messages/create/"
 
 
 async def post_json(client, body, **kwargs):
-    payload = body if isinstance(body, str) else json.dumps(body)
+    payload = body if isinstance(body, (str, bytes)) else json.dumps(body)
     return await client.post(CREATE_URL, payload, content_type="application/json", **kwargs)
 
 
@@ -115,7 +115,17 @@ async def test_too_long_prompt_is_a_400(async_client, fake_openai, settings):
     assert ok.status_code == 201
 
 
-@pytest.mark.parametrize("raw", ['{"prompt_message": "hi"', "not json", '["hi"]', "42"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"prompt_message": "hi"',
+        "not json",
+        '["hi"]',
+        "42",
+        '{"prompt_message": NaN}',
+        b'{"prompt_message": "\xff"}',  # not UTF-8
+    ],
+)
 async def test_body_that_is_not_a_json_object_is_a_400(async_client, fake_openai, raw):
     response = await post_json(async_client, raw)
     assert response.status_code == 400
