@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-postgres lint format bench bench-context postman ci clean
+.PHONY: install run test test-postgres lint format bench bench-context bench-transport postman ci clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,7 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 
 bench: $(STAMP)
+	mkdir -p var/static
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
 
 postman: $(STAMP)
@@ -52,3 +53,6 @@ clean:
 
 bench-context: $(STAMP)
 	$(BIN)/python bench/context_bench.py $(BENCH_ARGS)
+
+bench-transport: $(STAMP)
+	$(BIN)/python bench/transport_bench.py $(BENCH_ARGS)

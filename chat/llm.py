@@ -9,11 +9,13 @@ knows the SDK exists.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import re
 import time
 import typing
+import uuid
 import weakref
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -76,7 +78,15 @@ class _Upstream:
     request_options: dict[str, Any]
 
     def call_options(self) -> dict[str, Any]:
-        return {**self.request_options, "headers": {}}  # nothing shared between calls
+        """Options for one model call, its retries included. The SDK makes a UUID per call as
+        the call's idempotency key (which it sends only to APIs that take one); a process
+        prefix and a counter give the same uniqueness for less."""
+        key = f"chat-{_CALL_KEY_PREFIX}-{next(_call_numbers)}"
+        return {**self.request_options, "headers": {}, "idempotency_key": key}
+
+
+_CALL_KEY_PREFIX = uuid.uuid4().hex
+_call_numbers = itertools.count(1)
 
 
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Upstream] = (
@@ -231,12 +241,13 @@ async def complete(*, messages: Sequence[ChatTurn], options: GenerationOptions) 
     started = time.monotonic()
     deadline = asyncio.get_running_loop().time() + settings.OPENAI_TIMEOUT
     body = _request_body(messages, options, stream=False)
+    call_options = upstream.call_options()
     result = await _with_retries(
         lambda: upstream.client.post(
             upstream.completions_url,
             body=body,
             cast_to=object,
-            options=upstream.call_options(),
+            options=call_options,
         ),
         deadline,
     )
@@ -276,12 +287,13 @@ async def stream(
     usage: Any = None
     deadline = asyncio.get_running_loop().time() + settings.OPENAI_TIMEOUT
     body = _request_body(messages, options, stream=True)
+    call_options = upstream.call_options()
     response = await _with_retries(
         lambda: upstream.client.post(
             upstream.completions_url,
             body=body,
             cast_to=object,
-            options=upstream.call_options(),
+            options=call_options,
             stream=True,
             stream_cls=openai.AsyncStream[object],
         ),

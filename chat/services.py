@@ -51,7 +51,7 @@ class StartedMessage:
     replayed: bool
 
 
-# --- Writes (sync; run on database threads through chat.db) ----------------------------------
+# --- Writes (sync; run by chat.db: `db.write` for the short writes, `db.run` for the rest) ---
 
 
 TITLE_LENGTH = 60
