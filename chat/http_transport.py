@@ -1,9 +1,9 @@
 """A lean HTTP/1.1 transport for the SDK's HTTP client (httpx2), on asyncio and httptools.
 
 The `openai` SDK sends every request through an httpx2 client; what carries the bytes is a
-pluggable transport. httpx2's own (httpcore) and the SDK's aiohttp adapter cost 0.4-0.6 ms of
-CPU per chat call in their connection pools, request objects and adapters (BENCHMARKS.md),
-more than the rest of the call. This one does only what a client of one API needs: keep-alive
+pluggable transport. With httpx2's own client and transport a model call costs 1.35 ms of CPU,
+with the SDK's aiohttp adapter 0.81 ms, with this transport and LeanAsyncClient (below) 0.49 ms
+(`make bench-transport`, BENCHMARKS.md). It does only what a client of one API needs: keep-alive
 connections per origin (a pool with a size limit), requests with a body of bytes, responses
 parsed by httptools (the C parser uvicorn uses), streamed to the SDK as they arrive, and
 httpx2's own exceptions for timeouts and broken connections, which the SDK turns into its
