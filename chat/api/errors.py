@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from django.core.exceptions import PermissionDenied
+from django.conf import settings
+from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.http import Http404, HttpRequest, JsonResponse
 from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
@@ -22,6 +23,15 @@ from rest_framework.views import set_rollback
 from chat.errors import ApplicationError
 
 logger = logging.getLogger(__name__)
+
+
+class RequestTooLarge(drf_exceptions.APIException):
+    status_code = 413
+    default_code = "request_too_large"
+
+    def __init__(self) -> None:
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        super().__init__(f"The request body is larger than the limit of {limit} bytes.")
 
 
 def _flatten(detail: Any) -> list[str]:
@@ -48,6 +58,8 @@ def error_payload(exc: BaseException) -> tuple[dict[str, Any], int, dict[str, st
         exc = drf_exceptions.NotFound()
     elif isinstance(exc, PermissionDenied):
         exc = drf_exceptions.PermissionDenied()
+    elif isinstance(exc, RequestDataTooBig):
+        exc = RequestTooLarge()
     if not isinstance(exc, drf_exceptions.APIException):
         raise exc
     headers: dict[str, str] = {}

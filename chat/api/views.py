@@ -107,6 +107,7 @@ class MessageCreateView(AsyncAPIView):
             201: MessageSerializer,
             200: OpenApiResponse(description="text/event-stream when streaming"),
             400: OpenApiResponse(description="Invalid input (error shape with `fields`)"),
+            413: OpenApiResponse(description="Body larger than DATA_UPLOAD_MAX_MEMORY_SIZE"),
             415: OpenApiResponse(description="Body is not JSON"),
             422: OpenApiResponse(description="Idempotency-Key reused with a different body"),
             502: OpenApiResponse(description="Upstream failure; the prompt is stored"),

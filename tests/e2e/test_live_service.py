@@ -173,13 +173,20 @@ def test_the_contract_over_real_http(live_service):
     assert listing["results"][0]["id"] == created["id"]
 
 
-@pytest.mark.parametrize("size", [100_000, 3_000_000])  # in memory / spooled past 2.5 MB
-def test_large_bodies_get_a_json_400_not_a_crash(live_service, size):
-    status, body = live_service.request(
+@pytest.mark.parametrize(
+    ("size", "status", "code"),
+    [(100_000, 400, "invalid"), (3_000_000, 413, "request_too_large")],  # 2.5 MB limit
+)
+def test_large_bodies_get_a_clear_json_error(live_service, size, status, code):
+    answered, body = live_service.request(
         "POST", "/api/messages/create/", {"prompt_message": "x" * size}
     )
-    assert status == 400
-    assert body["error"]["status"] == 400
+    assert answered == status
+    assert body["error"]["status"] == status and body["error"]["code"] == code
+    if code == "invalid":
+        assert "prompt_message" in body["error"]["fields"]
+    else:
+        assert "2621440 bytes" in body["error"]["message"]
 
 
 def test_a_client_that_disconnects_after_the_first_delta_still_gets_a_stored_reply(
