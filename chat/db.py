@@ -161,8 +161,11 @@ async def _loop_writer() -> _LoopWriter | None:
         await run(wrapper.connect)
         writer = _LoopWriter(wrapper)
     with _loop_writers_lock:
-        _loop_writers[thread] = writer
-    return writer
+        # Two requests of a fresh process may both have got here: the first one's is kept.
+        kept = _loop_writers.setdefault(thread, writer)
+    if kept is not writer and writer is not None:
+        writer.close()
+    return kept
 
 
 def _close_loop_connections() -> None:

@@ -135,3 +135,17 @@ async def test_a_write_that_fails_keeps_nothing_and_raises_the_databases_error()
     with pytest.raises(IntegrityError):
         await db.write(store_twice_with_one_key)
     assert not await Conversation.objects.filter(title="kept?").aexists()
+
+
+@sqlite_only
+async def test_requests_racing_on_a_fresh_loop_share_one_loop_connection():
+    db._close_loop_connections()
+    writers = set()
+
+    def store(title: str) -> Conversation:
+        writers.add(id(db._inline.writer))
+        return _store_conversation(title)
+
+    stored = await asyncio.gather(*(db.write(store, f"c{i}") for i in range(5)))
+    assert len({c.pk for c in stored}) == 5
+    assert len(writers) == 1  # one connection of the loop's own, not one per racer
