@@ -202,13 +202,19 @@ class _ResponseStream(httpx2.AsyncByteStream):
 class HTTPTransport(httpx2.AsyncBaseTransport):
     """Keep-alive HTTP/1.1 connections per origin, at most `max_connections` in all."""
 
-    def __init__(self, *, max_connections: int = 100, keepalive_expiry: float = 30.0) -> None:
+    def __init__(
+        self,
+        *,
+        max_connections: int = 100,
+        keepalive_expiry: float = 30.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self._idle: dict[Origin, collections.deque[_Connection]] = collections.defaultdict(
             collections.deque
         )
         self._slots = asyncio.Semaphore(max_connections)
         self._keepalive_expiry = keepalive_expiry
-        self._ssl: ssl.SSLContext | None = None
+        self._ssl = ssl_context  # None: the system's trust store, certificates verified
 
     def _ssl_context(self) -> ssl.SSLContext:
         if self._ssl is None:

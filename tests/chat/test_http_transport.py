@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx2
 import pytest
+import trustme
 
 from chat.http_transport import HTTPTransport, LeanAsyncClient
 from tests.conftest import TEST_API_KEY
@@ -139,3 +141,27 @@ async def test_the_lean_client_sends_the_request_as_built_and_falls_back_for_the
     assert seen[0].startswith(b"POST /v1/chat HTTP/1.1\r\n")
     assert b"\r\nX-Key: v\r\n" in seen[0] and seen[0].endswith(b'\r\n\r\n{"a": 1}')
     assert seen[1].startswith(b"GET /v1/models?limit=2 HTTP/1.1\r\n")
+
+
+async def test_https_verifies_the_servers_certificate():
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+
+    async def handler(reader, writer):
+        await _read_request(reader)
+        writer.write(b'HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{"tls": 1}\n')
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=server_context)
+    url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+    trusting = ssl.create_default_context()
+    ca.configure_trust(trusting)
+    async with server:
+        async with httpx2.AsyncClient(transport=HTTPTransport(ssl_context=trusting)) as client:
+            assert (await client.get(url)).json() == {"tls": 1}
+        # The system's trust store does not know this CA: the connection is refused.
+        async with httpx2.AsyncClient(transport=HTTPTransport()) as client:
+            with pytest.raises(httpx2.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                await client.get(url)
