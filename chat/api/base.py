@@ -70,14 +70,15 @@ class AsyncAPIView(APIView):
                 response = await db.run(handler, request, *args, **kwargs)
         except Exception as exc:
             response = self.handle_exception(exc)
-        self.response = self.finalize_response(request, response, *args, **kwargs)
-        if not isinstance(self.response, Response):
-            return self.response
-        rendered = _rendered(self.response)
+        final = self.finalize_response(request, response, *args, **kwargs)
+        if isinstance(final, Response):
+            rendered = _rendered(final)
+            final.renderer_context = None
+        else:
+            rendered = final  # e.g. an event stream
         # DRF ties the view, its request and its response to each other (parser and renderer
         # contexts); untied, all three are freed by reference counting when the request ends
         # instead of waiting, alive, for a garbage collection.
-        self.response.renderer_context = None
         request.parser_context = None
         self.request = self.response = None
         return rendered
