@@ -299,12 +299,13 @@ async def stream(
         ),
         deadline,
     )
+    gap_timeout = settings.OPENAI_TIMEOUT
     try:
         async with response:
             iterator = response.__aiter__()
             while True:
                 try:
-                    async with asyncio.timeout(settings.OPENAI_TIMEOUT):
+                    async with asyncio.timeout(gap_timeout):
                         chunk = await iterator.__anext__()
                 except StopAsyncIteration:
                     break

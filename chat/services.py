@@ -323,11 +323,12 @@ async def _produce(
         return completion
     completion: llm.Completion | None = None
     last_saved: float | None = None
+    save_interval = settings.CHAT_STREAM_SAVE_INTERVAL
     async for event in llm.stream(messages=turns, options=options):
         if isinstance(event, llm.Delta):
             generation.publish(event.text)
             now = time.monotonic()
-            if last_saved is None or now - last_saved >= settings.CHAT_STREAM_SAVE_INTERVAL:
+            if last_saved is None or now - last_saved >= save_interval:
                 last_saved = now
                 await db.write(_record_partial, message, generation.text)
         else:

@@ -33,18 +33,20 @@ class EventStreamRenderer(BaseRenderer):
         return json.dumps(data).encode()
 
 
-def format_event(name: str, data: Any) -> str:
-    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+def format_event(name: str, data: Any) -> bytes:
+    # Bytes, not str: Django would encode a str per event after looking up the charset.
+    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"event: {name}\ndata: {payload}\n\n".encode()
 
 
-KEEPALIVE = ": keep-alive\n\n"
+KEEPALIVE = b": keep-alive\n\n"
 
 
 async def _events(
     start: Message,
     events: AsyncIterator[GenerationEvent],
     serialize: Callable[[Message], dict[str, Any]],
-) -> AsyncIterator[str]:
+) -> AsyncIterator[bytes]:
     yield format_event("start", serialize(start))
     async for event in events:
         if isinstance(event, Heartbeat):
