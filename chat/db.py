@@ -216,13 +216,29 @@ async def write(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
 # reads back through the ORM unchanged.
 
 
-def _target() -> tuple[BaseDatabaseWrapper, sqlite3.Cursor | None]:
-    """The connection to write with, and its cursor if it is an event loop's own (a plain
-    sqlite3 cursor: statements for it use sqlite3's own `?` placeholders)."""
+def _target() -> tuple[BaseDatabaseWrapper, sqlite3.Cursor | None, str]:
+    """The connection to write with, its cursor if it is an event loop's own (a plain sqlite3
+    cursor), and the placeholder its statements use (sqlite3's own `?` there, else `%s`)."""
     writer: _LoopWriter | None = getattr(_inline, "writer", None)
     if writer is not None:
-        return writer.wrapper, writer.cursor
-    return connection, None
+        return writer.wrapper, writer.cursor, "?"
+    return connection, None, "%s"
+
+
+def _execute(
+    conn: BaseDatabaseWrapper,
+    inline_cursor: sqlite3.Cursor | None,
+    sql: str,
+    params: list[Any],
+    read: Callable[[Any], R],
+) -> R:
+    """Run one statement on the target's cursor and `read` the result from that cursor."""
+    if inline_cursor is not None:
+        inline_cursor.execute(sql, params)
+        return read(inline_cursor)
+    with conn.cursor() as cursor:
+        cursor.execute(sql, params)
+        return read(cursor)
 
 
 _statements: dict[tuple, tuple[str, tuple[Field, ...]]] = {}
@@ -275,17 +291,17 @@ def _insert_statement(
 
 def insert(obj: Model) -> Model:
     """INSERT `obj` (a new row) and set its primary key; like obj.save() for a new object."""
-    conn, inline_cursor = _target()
+    conn, inline_cursor, placeholder = _target()
     returning = conn.features.can_return_columns_from_insert
-    sql, fields = _insert_statement(type(obj), conn, "%s" if inline_cursor is None else "?")
+    sql, fields = _insert_statement(type(obj), conn, placeholder)
     params = _db_values(obj, fields, conn, add=True)
-    if inline_cursor is not None:
-        inline_cursor.execute(sql, params)
-        pk = inline_cursor.fetchone()[0] if returning else inline_cursor.lastrowid
-    else:
-        with conn.cursor() as cursor:
-            cursor.execute(sql, params)
-            pk = cursor.fetchone()[0] if returning else cursor.lastrowid
+    pk = _execute(
+        conn,
+        inline_cursor,
+        sql,
+        params,
+        (lambda cursor: cursor.fetchone()[0]) if returning else (lambda cursor: cursor.lastrowid),
+    )
     obj.pk = pk
     obj._state.adding = False
     obj._state.db = conn.alias
@@ -310,17 +326,10 @@ def _update_statement(
 def update(obj: Model, names: Sequence[str]) -> None:
     """UPDATE the given fields of `obj`'s row; like obj.save(update_fields=names), and like it
     an error when the row is gone."""
-    conn, inline_cursor = _target()
-    placeholder = "%s" if inline_cursor is None else "?"
+    conn, inline_cursor, placeholder = _target()
     sql, fields = _update_statement(type(obj), tuple(names), conn, placeholder)
     params = _db_values(obj, fields, conn, add=False)
     params.append(obj.pk)
-    if inline_cursor is not None:
-        inline_cursor.execute(sql, params)
-        rowcount = inline_cursor.rowcount
-    else:
-        with conn.cursor() as cursor:
-            cursor.execute(sql, params)
-            rowcount = cursor.rowcount
+    rowcount = _execute(conn, inline_cursor, sql, params, lambda cursor: cursor.rowcount)
     if rowcount != 1:
         raise DatabaseError(f"{type(obj).__name__} {obj.pk} is gone; nothing was updated.")

@@ -35,14 +35,19 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self._parser: httptools.HttpResponseParser | None = None
-        self._headers: list[tuple[bytes, bytes]] = []
         self._chunks: collections.deque[bytes] = collections.deque()
+        self._waiter: asyncio.Future | None = None
+        self._headers_done: asyncio.Future | None = None
+        self._reset_response()
+
+    def _reset_response(self) -> None:
+        """Forget the previous response, before the next request on this connection."""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._chunks.clear()
         self._complete = False
         self._keep_alive = False
         self._body_until_close = False
         self._error: Exception | None = None
-        self._waiter: asyncio.Future | None = None
-        self._headers_done: asyncio.Future | None = None
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -126,23 +131,12 @@ class _Connection(asyncio.Protocol):
         self, request_head: bytes, body: bytes, read_timeout: float | None
     ) -> tuple[int, list[tuple[bytes, bytes]]]:
         """Send a request and wait for the response's head: (status, headers)."""
-        loop = asyncio.get_running_loop()
         self._parser = httptools.HttpResponseParser(self)
-        self._headers = []
-        self._chunks.clear()
-        self._complete = False
-        self._keep_alive = False
-        self._body_until_close = False
-        self._error = None
-        self._headers_done = loop.create_future()
+        self._reset_response()
+        self._headers_done = asyncio.get_running_loop().create_future()
         assert self.transport is not None
         self.transport.write(request_head + body)
-        timer = self._start_read_timer(read_timeout)
-        try:
-            await self._headers_done
-        finally:
-            if timer is not None:
-                timer.cancel()
+        await self._wait(self._headers_done, read_timeout)
         return self._parser.get_status_code(), self._headers
 
     async def body(self, read_timeout: float | None) -> AsyncIterator[bytes]:
@@ -155,19 +149,22 @@ class _Connection(asyncio.Protocol):
             if self._error is not None:
                 raise self._error
             self._waiter = loop.create_future()
-            timer = self._start_read_timer(read_timeout)
             try:
-                await self._waiter
+                await self._wait(self._waiter, read_timeout)
             finally:
                 self._waiter = None
-                if timer is not None:
-                    timer.cancel()
 
-    # A plain timer rather than asyncio.timeout(): one per wait, on every call.
-    def _start_read_timer(self, timeout: float | None) -> asyncio.TimerHandle | None:
+    async def _wait(self, future: asyncio.Future, timeout: float | None) -> None:
+        """Await `future`; after `timeout` seconds the connection fails with ReadTimeout. A
+        plain timer rather than asyncio.timeout(): one per wait, on every call."""
         if timeout is None:
-            return None
-        return asyncio.get_running_loop().call_later(timeout, self._read_timed_out)
+            await future
+            return
+        timer = asyncio.get_running_loop().call_later(timeout, self._read_timed_out)
+        try:
+            await future
+        finally:
+            timer.cancel()
 
     def _read_timed_out(self) -> None:
         self._fail(httpx2.ReadTimeout("Timed out waiting for the response."))
