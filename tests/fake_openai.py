@@ -11,7 +11,10 @@ with :attr:`FakeOpenAI.reply` or a ``[[reply:TEXT]]`` marker in the last user
 message.  Faults (429/500/503/401/400, timeouts, malformed bodies, dropped or
 cut connections) can be queued with :meth:`FakeOpenAI.fail_next` or triggered
 with a ``[[fault:NAME]]`` / ``[[fault:429:RETRY_AFTER]]`` /
-``[[fault:timeout:SECONDS]]`` marker in the last user message.
+``[[fault:timeout:SECONDS]]`` marker in the last user message.  Other markers:
+``[[refusal:TEXT]]`` (the model refuses: ``content`` null, ``refusal`` TEXT),
+``[[latency:SECONDS]]`` and ``[[chunks:N]]`` (this reply's duration and stream chunks),
+``[[nousage]]`` (no ``usage`` in the reply, even when a stream asks for it).
 
 In-process use::
 
@@ -56,6 +59,10 @@ CLIENT_MAX_SIZE = 64 * 1024 * 1024
 MALFORMED_BODY = b'{"id": "chatcmpl-broken", "choices": ['
 
 _REPLY_RE = re.compile(r"\[\[reply:(.*?)\]\]", re.DOTALL)
+_REFUSAL_RE = re.compile(r"\[\[refusal:(.*?)\]\]", re.DOTALL)
+_LATENCY_RE = re.compile(r"\[\[latency:([0-9]+(?:\.[0-9]*)?)\]\]")
+_CHUNKS_RE = re.compile(r"\[\[chunks:([0-9]+)\]\]")
+_NO_USAGE = "[[nousage]]"
 _FAULT_RE = re.compile(r"\[\[fault:([A-Za-z0-9_]+)(?::([0-9]+(?:\.[0-9]*)?))?\]\]")
 _JSON = "application/json"
 _IMMEDIATE_FAULTS = frozenset({"429", "500", "503", "401", "400", "malformed", "drop"})
@@ -441,6 +448,10 @@ class FakeOpenAI:
 
         # -- markers in the last user message
         marker_reply = None
+        refusal = False
+        no_usage = False
+        latency = self.latency
+        chunks = self.stream_chunks
         if "[[" in last_user:
             if fault is None:
                 m = _FAULT_RE.search(last_user)
@@ -464,6 +475,16 @@ class FakeOpenAI:
             m = _REPLY_RE.search(last_user)
             if m is not None:
                 marker_reply = m.group(1)
+            m = _REFUSAL_RE.search(last_user)
+            if m is not None:
+                marker_reply, refusal = m.group(1), True
+            m = _LATENCY_RE.search(last_user)
+            if m is not None:
+                latency = float(m.group(1))
+            m = _CHUNKS_RE.search(last_user)
+            if m is not None:
+                chunks = max(1, int(m.group(1)))
+            no_usage = _NO_USAGE in last_user
 
         if marker_reply is not None:
             text = marker_reply
@@ -505,13 +526,18 @@ class FakeOpenAI:
                 model=model,
                 text=text,
                 finish_reason=finish_reason,
-                usage=usage if include_usage else None,
+                usage=usage if include_usage and not no_usage else None,
                 cut=fault is not None and fault.name == "cut",
+                latency=latency,
+                chunks=chunks,
+                refusal=refusal,
             )
 
-        latency = self.latency
         if latency > 0:
             await asyncio.sleep(latency)
+        reply = {"role": "assistant", "content": text, "refusal": None}
+        if refusal:
+            reply = {"role": "assistant", "content": None, "refusal": text}
         payload = {
             "id": completion_id,
             "object": "chat.completion",
@@ -520,12 +546,12 @@ class FakeOpenAI:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": text, "refusal": None},
+                    "message": reply,
                     "finish_reason": finish_reason,
                     "logprobs": None,
                 }
             ],
-            "usage": usage,
+            "usage": None if no_usage else usage,
             "system_fingerprint": None,
         }
         return web.Response(body=_dumps(payload), content_type=_JSON)
@@ -541,6 +567,9 @@ class FakeOpenAI:
         finish_reason: str,
         usage: dict[str, int] | None,
         cut: bool,
+        latency: float,
+        chunks: int,
+        refusal: bool = False,
     ) -> web.StreamResponse:
         include_usage = usage is not None
         base = {
@@ -562,8 +591,9 @@ class FakeOpenAI:
 
         # Content chunks are the bulk of the work: splice the JSON-encoded piece into a
         # pre-rendered template instead of serialising a whole dict per chunk.
-        head, _, tail = chunk({"content": ""}).partition(b'"content":""')
-        head += b'"content":'
+        field = "refusal" if refusal else "content"
+        head, _, tail = chunk({field: ""}).partition(f'"{field}":""'.encode())
+        head += f'"{field}":'.encode()
 
         resp = web.StreamResponse(
             headers={
@@ -571,8 +601,7 @@ class FakeOpenAI:
                 "Cache-Control": "no-cache",
             }
         )
-        pieces = _split_text(text, self.stream_chunks)
-        latency = self.latency
+        pieces = _split_text(text, chunks)
         delay = latency / len(pieces) if pieces and latency > 0 else 0.0
         if cut:
             pieces = pieces[: len(pieces) // 2]
