@@ -8,7 +8,19 @@ belongs to), `headers` adds response headers (e.g. Retry-After).
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any
+
+# Anything shaped like an API key or bearer credential: OpenAI's `sk-...` keys (and the `sess-`,
+# `org-` ids), and the value of an Authorization header.
+_SECRET_SHAPED = re.compile(
+    r"\b(?:sk|sess|org)-[A-Za-z0-9_\-*.]{4,}|\b(?:Bearer|Token)\s+[A-Za-z0-9_\-.=:/+]{8,}"
+)
+
+
+def redact_secrets(text: str) -> str:
+    """`text` with anything shaped like a key or credential replaced by `[redacted]`."""
+    return _SECRET_SHAPED.sub("[redacted]", text)
 
 
 class ApplicationError(Exception):
@@ -46,14 +58,6 @@ class NotFound(ApplicationError):
 class InvalidRequest(ApplicationError):
     status_code = 400
     code = "invalid"
-
-
-class IdempotencyKeyInUse(ApplicationError):
-    status_code = 409
-    code = "idempotency_key_in_use"
-    default_message = (
-        "A request with this Idempotency-Key is still being processed; retry after it finishes."
-    )
 
 
 class MessageInProgress(ApplicationError):
