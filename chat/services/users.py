@@ -11,7 +11,6 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, transaction
 from rest_framework.authtoken.models import Token
 
-
 # The anonymous user, looked up once a minute rather than on every anonymous request.
 ANONYMOUS_USER_TTL = 60.0
 _anonymous: tuple[AbstractBaseUser, float] | None = None
