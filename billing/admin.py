@@ -8,7 +8,7 @@ import datetime as dt
 from django.contrib import admin
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
-from django.utils.safestring import SafeString
+from django.utils.safestring import SafeString, mark_safe
 
 from billing import selectors
 from billing.models import Account, DailyUsage, LedgerEntry, Reservation
@@ -110,7 +110,7 @@ class AccountAdmin(admin.ModelAdmin):
         )
         if not summary.rows:
             return "No usage."
-        header = format_html(
+        header = mark_safe(
             "<tr><th>Day</th><th>Model</th><th>Requests</th><th>Prompt tokens</th>"
             "<th>Completion tokens</th><th>Cost</th></tr>"
         )
