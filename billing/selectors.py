@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
+from django.contrib.auth.base_user import AbstractBaseUser
 from django.db.models import Count, Sum
 from django.utils import timezone
 
@@ -14,10 +15,14 @@ from billing.models import Account, BudgetMode, DailyUsage, Reservation
 from billing.money import to_pico, usd_str
 from billing.periods import period_bounds
 
+# A user, or a user's id (callers often hold only message.owner_id).
+UserRef = AbstractBaseUser | int
+
 __all__ = [
     "BudgetStatus",
     "UsageRow",
     "UsageSummary",
+    "UserRef",
     "budget_status",
     "effective_budget",
     "period_bounds",
@@ -27,7 +32,7 @@ __all__ = [
 ]
 
 
-def _user_id(user: Any) -> int:
+def _user_id(user: UserRef) -> int:
     return user if isinstance(user, int) else user.pk
 
 
@@ -91,7 +96,7 @@ def _iso(moment: dt.datetime) -> str:
     return moment.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
-def budget_status(*, user: Any, now: dt.datetime | None = None) -> BudgetStatus:
+def budget_status(*, user: UserRef, now: dt.datetime | None = None) -> BudgetStatus:
     """Reads without locking: a snapshot for display (reserve() does the locked check)."""
     now = now or timezone.now()
     user_id = _user_id(user)
@@ -136,7 +141,7 @@ class UsageSummary:
     cost: int  # pico-dollars
 
 
-def usage_summary(*, user: Any, date_from: dt.date, date_to: dt.date) -> UsageSummary:
+def usage_summary(*, user: UserRef, date_from: dt.date, date_to: dt.date) -> UsageSummary:
     """The user's usage on the UTC days date_from..date_to, both included."""
     rows = [
         UsageRow(

@@ -6,6 +6,8 @@ reply) and the money move together. Both first lock the user's Account row (SELE
 UPDATE on PostgreSQL; on SQLite every transaction is BEGIN IMMEDIATE, which serializes writers),
 so the budget check and the write that follows see every earlier admission and settlement of
 that user, whatever process made it.
+(This relies on PostgreSQL's default READ COMMITTED isolation: each statement after the lock
+sees what the previous lock holder committed.)
 
 Money is in integer pico-dollars (billing.money).
 """
@@ -15,7 +17,6 @@ from __future__ import annotations
 import datetime as dt
 import math
 from decimal import Decimal
-from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
@@ -36,7 +37,9 @@ from billing.models import (
 from billing.money import MAX_DECIMALS, usd_display, usd_str
 from billing.periods import ADJECTIVES, period_bounds
 from billing.prices import ModelPrice, price_for
+from billing.selectors import UserRef
 from chat.errors import BudgetExceeded, InvalidRequest, TooManyConcurrent
+from chat.models import Message
 
 __all__ = [
     "charge",
@@ -48,12 +51,15 @@ __all__ = [
 ]
 
 OUTCOME_MAX_LENGTH = LedgerEntry._meta.get_field("outcome").max_length
+# A chat message, its id, or None.
+MessageRef = Message | int | None
+
 WORKER_ID_MAX_LENGTH = Reservation._meta.get_field("worker_id").max_length
 _budget_field = Account._meta.get_field("budget_usd")
 MAX_BUDGET_USD = Decimal(10) ** (_budget_field.max_digits - _budget_field.decimal_places)
 
 
-def _user_id(user: Any) -> int:
+def _user_id(user: UserRef) -> int:
     return user if isinstance(user, int) else user.pk
 
 
@@ -83,12 +89,12 @@ def lock_account(user_id: int) -> Account:
 
 def reserve(
     *,
-    user: Any,
+    user: UserRef,
     model: str,
     prompt_tokens: int,
     max_completion_tokens: int,
     worker_id: str,
-    message: Any = None,
+    message: MessageRef = None,
     now: dt.datetime | None = None,
 ) -> Reservation:
     """Admit a model call: hold its worst-case cost, or refuse it.
@@ -252,8 +258,8 @@ def settle(
 
 def charge(
     *,
-    user: Any,
-    message: Any,
+    user: UserRef,
+    message: MessageRef,
     model: str,
     prompt_tokens: int,
     completion_tokens: int,
@@ -353,7 +359,7 @@ def expired_reservations(*, now: dt.datetime | None = None) -> QuerySet[Reservat
     return Reservation.objects.filter(expires_at__lte=now).order_by("expires_at", "id")
 
 
-def set_budget(*, user: Any, mode: str, usd: Decimal | None) -> Account:
+def set_budget(*, user: UserRef, mode: str, usd: Decimal | None) -> Account:
     """Set a user's budget: mode `default` (CHAT_USER_BUDGET_USD), `unlimited`, or `limited`
     with `usd` >= 0 per period (at most 6 decimals). InvalidRequest when inconsistent."""
     if mode not in BudgetMode.values:

@@ -241,3 +241,16 @@ def test_one_redis_client_per_event_loop_rebuilt_when_the_url_changes(settings):
     one = asyncio.run(clients())
     other = asyncio.run(clients())
     assert one is not other
+
+
+async def test_when_redis_fails_the_database_limits(settings, caplog):
+    # Nothing listens on port 1: every Redis call fails at once; the database takes over.
+    settings.REDIS_URL = "redis://127.0.0.1:1/2"
+    key = f"test:{uuid.uuid4().hex}"
+    try:
+        results = [await hit(key=key, rate=Rate(2, 60)) for _ in range(3)]
+    finally:
+        await close_redis()
+    assert results[:2] == [None, None] and results[2] is not None
+    assert await RateLimitHit.objects.filter(key=key).acount() == 2
+    assert "using the database" in caplog.text
