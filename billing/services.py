@@ -119,8 +119,8 @@ def reserve(
     cap = settings.CHAT_MAX_CONCURRENT_PER_USER
     if cap and in_flight >= cap:
         raise TooManyConcurrent(
-            f"You already have {in_flight} replies being generated, the most allowed at once "
-            f"({cap}); wait for one to finish.",
+            f"You already have {in_flight} replies being generated, the most allowed at once; "
+            "wait for one to finish.",
             extra={"limit": cap},
             headers={"Retry-After": "1"},
         )
