@@ -166,3 +166,35 @@ def rebuild(code: str, message: str, *, extra: dict[str, Any]) -> ApplicationErr
     error = error_class(message or None, extra=extra)
     error.code = code
     return error
+
+
+# --- Billing (raised by billing.services and billing.limits) -------------------------------
+
+
+class RateLimited(ApplicationError):
+    """Too many requests from this user or client; `retry_after` (seconds) and Retry-After."""
+
+    status_code = 429
+    code = "rate_limited"
+    default_message = "Too many requests; try again later."
+
+
+class TooManyConcurrent(ApplicationError):
+    """The user already has the most replies generating at once; `limit`, Retry-After: 1."""
+
+    status_code = 429
+    code = "too_many_concurrent"
+    default_message = (
+        "You already have as many replies being generated as allowed at once; wait for one "
+        "to finish."
+    )
+
+
+class BudgetExceeded(ApplicationError):
+    """The request could cost more than what remains of the user's budget for the period.
+    Adds budget_usd, spent_usd, reserved_usd, remaining_usd, required_usd (money strings),
+    resets_at (ISO 8601 UTC) and retry_after (seconds to the reset), and Retry-After."""
+
+    status_code = 429
+    code = "budget_exceeded"
+    default_message = "Your usage budget does not cover this request."

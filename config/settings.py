@@ -75,6 +75,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "chat",
+    "billing",
 ]
 
 MIDDLEWARE = [
@@ -295,3 +296,58 @@ LOGGING = {
         "httpx": {"level": "WARNING"},
     },
 }
+
+# --- Billing: prices, budgets, rate limits ----------------------------------------------------
+# Parsed here so that a bad value stops the service at startup. billing.money/prices/periods/
+# rates import nothing from Django's app registry.
+from billing import money as _money  # noqa: E402
+from billing.periods import PERIODS as _BUDGET_PERIODS  # noqa: E402
+from billing.prices import parse_model_prices as _parse_model_prices  # noqa: E402
+from billing.rates import parse_rate as _parse_rate  # noqa: E402
+
+# USD per million input:output tokens, merged over OpenAI's list prices for the default models
+# (billing.prices.DEFAULT_PRICES), e.g. CHAT_MODEL_PRICES=gpt-4o=2.50:10.00,llama3=0:0. Every
+# allowed model needs a price. Parsed into {model: billing.prices.ModelPrice}.
+CHAT_MODEL_PRICES = _parse_model_prices(
+    env.str("CHAT_MODEL_PRICES", default=""), allowed_models=OPENAI_ALLOWED_MODELS
+)
+# Default budget of each user per period, in USD (accounts may override it); empty: unlimited.
+_budget = env.str("CHAT_USER_BUDGET_USD", default="").strip()
+try:
+    CHAT_USER_BUDGET_USD = (
+        _money.parse_usd(_budget, variable="CHAT_USER_BUDGET_USD") if _budget else None
+    )
+except ValueError as _exc:
+    raise ImproperlyConfigured(f"{_exc} (a budget in USD, or empty for unlimited).") from None
+# Budgets are per calendar day, week (from Monday) or month, in UTC.
+CHAT_USER_BUDGET_PERIOD = env.str("CHAT_USER_BUDGET_PERIOD", default="month").strip().lower()
+if CHAT_USER_BUDGET_PERIOD not in _BUDGET_PERIODS:
+    raise ImproperlyConfigured(
+        f"CHAT_USER_BUDGET_PERIOD must be day, week or month, not {CHAT_USER_BUDGET_PERIOD!r}."
+    )
+# Requests per user / per anonymous client IP, in DRF's format (30/min, 100/hour, 1000/day);
+# empty: no limit. Shared by all server processes (Redis with REDIS_URL, else the database).
+CHAT_THROTTLE_USER = env.str("CHAT_THROTTLE_USER", default="").strip()
+CHAT_THROTTLE_ANON = env.str("CHAT_THROTTLE_ANON", default="30/min").strip()
+for _name, _rate in (
+    ("CHAT_THROTTLE_USER", CHAT_THROTTLE_USER),
+    ("CHAT_THROTTLE_ANON", CHAT_THROTTLE_ANON),
+):
+    try:
+        _parse_rate(_rate)
+    except ValueError as _exc:
+        raise ImproperlyConfigured(f"{_name}: {_exc}.") from None
+try:
+    # Replies one user may have generating at once (0: no cap).
+    CHAT_MAX_CONCURRENT_PER_USER = env.int("CHAT_MAX_CONCURRENT_PER_USER", default=4)
+    # Seconds a generation's budget reservation lives unless its process's heartbeat extends
+    # it (so a killed process's reservations stop counting after this).
+    CHAT_RESERVATION_TTL_SECONDS = env.float(
+        "CHAT_RESERVATION_TTL_SECONDS", default=OPENAI_TIMEOUT + 30
+    )
+except ValueError as _exc:
+    raise ImproperlyConfigured(f"Billing settings: {_exc}.") from None
+if CHAT_MAX_CONCURRENT_PER_USER < 0:
+    raise ImproperlyConfigured("CHAT_MAX_CONCURRENT_PER_USER must be 0 (no cap) or more.")
+if not CHAT_RESERVATION_TTL_SECONDS > 0:
+    raise ImproperlyConfigured("CHAT_RESERVATION_TTL_SECONDS must be more than 0.")
