@@ -16,6 +16,7 @@ import logging
 
 from django.conf import settings
 
+from billing import services as billing
 from chat import db, generations, llm
 from chat.services import generation as generation_service
 
@@ -33,9 +34,11 @@ async def maintain_once(*, heartbeat: bool = True) -> None:
         for message_id in await db.run(generation_service.stop_requested, message_ids=list(live)):
             generation_service.stop(live[message_id], reason="user")
     if heartbeat:
-        if live:
+        if live or generations.pending_tasks():
             await db.run(generation_service.mark_alive, message_ids=list(live))
+            await db.run(billing.extend_reservations, worker_id=generations.WORKER_ID)
         interrupted = await db.run(generation_service.interrupt_orphans)
+        await db.run(generation_service.settle_expired_reservations)
         if interrupted:
             logger.warning(
                 "stored %d generations of dead processes as interrupted", len(interrupted)
