@@ -322,8 +322,8 @@ def print_deep_history(r: dict[str, Any]) -> None:
     seeding = r["seeding"]
     if seeding.get("seeded"):
         print(
-            f"seeded:             {seeding['rows']} messages in {seeding['seconds']:.1f} s "
-            f"({seeding['rows_per_s']:.0f} rows/s; {seeding['output']})"
+            f"seeded:             {seeding['output']} "
+            f"({seeding['seconds_with_startup']:.1f} s with manage.py's start-up)"
         )
     else:
         print(f"seeded:             no: {seeding['reason']}")
