@@ -59,7 +59,8 @@ class Client:
         _, response = await self.get(path)
         if response.status != 200:
             raise BenchError(f"GET {path} -> HTTP {response.status}: {response.body[:300]!r}")
-        return response.json()
+        page: dict[str, Any] = response.json()
+        return page
 
     def close(self) -> None:
         if self.connection is not None:
@@ -68,8 +69,9 @@ class Client:
 
 def next_cursor(page: dict[str, Any]) -> str | None:
     """The cursor of the page after this one, if the response names one."""
-    if isinstance(page.get("next_cursor"), str):
-        return page["next_cursor"]
+    cursor = page.get("next_cursor")
+    if isinstance(cursor, str):
+        return cursor
     link = page.get("next")
     if isinstance(link, str):
         return dict(parse_qsl(urlsplit(link).query)).get("cursor")

@@ -200,7 +200,7 @@ def cpu_seconds(process: psutil.Process) -> float | None:
         times = process.cpu_times()
     except psutil.Error:
         return None
-    return times.user + times.system
+    return float(times.user + times.system)
 
 
 def machine_cpu_seconds() -> tuple[float, float]:
@@ -299,7 +299,7 @@ async def run(config: RunConfig, stack: Stack) -> dict[str, Any]:
         stack.prepare_database()
         await stack.start_service()
     server = stack.server_processes()
-    upstream = psutil.Process(stack.upstream.process.pid) if stack.upstream else None
+    upstream = stack.upstream_process()
     idle_rss = rss_bytes(server)
     result = stack.describe()
     baseline = await stored_count(stack.endpoints[0])

@@ -343,6 +343,9 @@ def print_deep_history(r: dict[str, Any]) -> None:
             f"{query['name']:<22} {latency['p50']:>8.2f} {latency['p95']:>8.2f} "
             f"{latency['max']:>8.2f} {query['bytes']:>7}  {query['path']}{errors}"
         )
+    for query in r["queries"]:
+        if "cursor_found" in query:
+            print(f"({query['name']}: the cursor was {query['cursor_found']})")
 
 
 def print_footer(r: dict[str, Any]) -> None:

@@ -76,7 +76,8 @@ def tail(path: Path, lines: int = 40) -> str:
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def stop_process(process: subprocess.Popen[bytes] | None, grace: float) -> int | None:
@@ -300,6 +301,11 @@ class Stack:
     def server_processes(self) -> list[psutil.Process]:
         """Every process of every instance."""
         return [process for instance in self.instances for process in instance.processes()]
+
+    def upstream_process(self) -> psutil.Process | None:
+        if self.upstream is None or self.upstream.process is None:
+            return None
+        return psutil.Process(self.upstream.process.pid)
 
     def describe(self) -> dict[str, Any]:
         """The header of a report: what runs, with which environment."""
