@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import psutil
@@ -287,7 +287,7 @@ class LoadOutcome:
     sampler: Sampler
     unfinished_clients: int
     finished_at: float
-    stored: int = field(default=0)
+    stored: int = 0
 
 
 async def run(config: RunConfig, stack: Stack) -> dict[str, Any]:
