@@ -311,7 +311,7 @@ def print_reattach(r: dict[str, Any]) -> None:
         )
         print(
             f"   live deltas:      {phase['live_deltas']} timed on both streams "
-            f"({phase['replayed_deltas']} came before the re-attach and were replayed)"
+            f"({phase['replayed_deltas']} more reached A before B began: replayed, not timed)"
         )
         print(f"   extra latency ms: {_lag_line(phase['extra_latency_ms'])}  (B after A)")
         print(f"   end latency ms:   {_lag_line(phase['end_latency_ms'])}  (B's message after A's)")
