@@ -26,7 +26,7 @@ from django.utils import timezone
 
 from billing import services as billing
 from billing.models import LedgerKind, Reservation
-from chat import db, generations, llm, tokens
+from chat import db, generations, live, llm, tokens
 from chat.errors import (
     ApplicationError,
     BudgetExceeded,
@@ -71,16 +71,26 @@ def stop(generation: Generation, *, reason: StopReason) -> None:
     generation.cancel(reason)
 
 
+def _publish(generation: Generation, publisher: live.Publisher | None, delta: TextDelta) -> None:
+    generation.publish(delta)
+    if publisher is not None:
+        publisher.delta(delta)
+
+
 async def _produce(
-    generation: Generation, prepared: PreparedGeneration, stream: bool
+    generation: Generation,
+    prepared: PreparedGeneration,
+    stream: bool,
+    publisher: live.Publisher | None,
 ) -> llm.Completion:
-    """Call the model; publish the text to followers, saving partial text at an interval."""
+    """Call the model; publish the text to followers (in this process, and through Redis in
+    others), saving partial text at an interval."""
     if not stream:
         completion = await llm.complete(messages=prepared.turns, options=prepared.options)
         if completion.text:
-            generation.publish(TextDelta(completion.text))
+            _publish(generation, publisher, TextDelta(completion.text))
         if completion.refusal:
-            generation.publish(TextDelta(completion.refusal, refusal=True))
+            _publish(generation, publisher, TextDelta(completion.refusal, refusal=True))
         return completion
     completion: llm.Completion | None = None
     last_saved: float | None = None
@@ -88,7 +98,7 @@ async def _produce(
     message_id = prepared.message.pk
     async for event in llm.stream(messages=prepared.turns, options=prepared.options):
         if isinstance(event, llm.Delta):
-            generation.publish(TextDelta(event.text, refusal=event.refusal))
+            _publish(generation, publisher, TextDelta(event.text, refusal=event.refusal))
             now = time.monotonic()
             if last_saved is None or now - last_saved >= save_interval:
                 last_saved = now
@@ -221,8 +231,9 @@ async def _generate(generation: Generation, prepared: PreparedGeneration, stream
     status: str = MessageStatus.FAILED
     cancelled = False
     completion: llm.Completion | None = None
+    publisher = live.Publisher(message.pk) if live.is_enabled() else None
     try:
-        completion = await _produce(generation, prepared, stream)
+        completion = await _produce(generation, prepared, stream, publisher)
     except ApplicationError as exc:
         error = exc
         if isinstance(exc, UpstreamTruncated):
@@ -255,6 +266,10 @@ async def _generate(generation: Generation, prepared: PreparedGeneration, stream
         error = error or InternalError(extra={"message_id": message.pk})
     finally:
         generation.finish(Finished(message, error))
+        if publisher is not None:
+            # After the outcome is stored: followers elsewhere read it when they see the end.
+            publisher.end()
+            await asyncio.shield(publisher.close())
 
     if cancelled:
         raise asyncio.CancelledError

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -17,10 +18,11 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, transaction
 from django.utils import timezone
+from redis.exceptions import RedisError
 
 from billing import limits
 from billing import services as billing
-from chat import db, generations, llm, selectors, tokens
+from chat import db, generations, live, llm, selectors, tokens
 from chat.context import build_context
 from chat.errors import (
     ApplicationError,
@@ -35,6 +37,8 @@ from chat.generations import Finished, GenerationEvent, Heartbeat, TextDelta
 from chat.models import IN_PROGRESS_STATUSES, Conversation, Message, MessageStatus
 from chat.services import generation as generation_service
 from chat.services.generation import PreparedGeneration, auto_title
+
+logger = logging.getLogger(__name__)
 
 # How long a stop request waits for the generation to record its final state.
 STOP_WAIT_SECONDS = 10.0
@@ -489,34 +493,80 @@ async def message_follow(
     `Heartbeat` whenever `heartbeat` seconds pass without news. The caller has checked that
     the message is the requester's.
 
-    A generation of this process is followed live; one in another process (or one that already
-    ended) is read from the database, polled at the partial-save interval, until it ends — or
-    until its process is found dead (no heartbeat for CHAT_GENERATION_DEAD_AFTER seconds),
-    whereupon it is stored as interrupted: no follower waits forever.
+    A generation of this process is followed live. One in another process is followed live
+    through Redis when REDIS_URL is set, else read from the database, polled at the
+    partial-save interval. Either way it is followed until it ends — or until its process is
+    found dead (no heartbeat for CHAT_GENERATION_DEAD_AFTER seconds), whereupon it is stored
+    as interrupted: no follower waits forever.
     """
     generation = generations.get(message.pk)
     if generation is not None:
         async for event in generation.follow(heartbeat=heartbeat):
             yield event
         return
-    async for event in _follow_database(message, heartbeat):
+    sent = {False: "", True: ""}  # text already sent, by refusal or not
+    if not message.is_finished and live.is_enabled():
+        try:
+            async for event in _follow_live(message, heartbeat, sent):
+                yield event
+            return
+        except (RedisError, OSError):
+            logger.warning("following message %s through Redis failed", message.pk)
+    async for event in _follow_database(message, heartbeat, sent):
+        yield event
+
+
+def _news(state: Message, sent: dict[bool, str]) -> list[TextDelta]:
+    """What `state` holds beyond the text already `sent` (which it updates)."""
+    news = []
+    for refusal, text in ((False, state.response), (True, state.refusal)):
+        if len(text) > len(sent[refusal]) and text.startswith(sent[refusal]):
+            news.append(TextDelta(text[len(sent[refusal]) :], refusal=refusal))
+            sent[refusal] = text
+    return news
+
+
+async def _follow_live(
+    message: Message, heartbeat: float | None, sent: dict[bool, str]
+) -> AsyncIterator[GenerationEvent]:
+    async for event in live.follow(
+        message.pk, heartbeat=heartbeat or settings.CHAT_HEARTBEAT_INTERVAL
+    ):
+        if isinstance(event, TextDelta):
+            sent[event.refusal] += event.text
+            yield event
+            continue
+        # The end, or a quiet spell: the database says how it ended, or whether its process
+        # is still alive (a writer that died publishes no end).
+        state = await db.run(_poll, message.pk)
+        if state is None or state.is_finished:
+            break
+        if isinstance(event, live.Ended):  # regenerated since: the next generation goes on
+            continue
+        if heartbeat is not None:
+            yield Heartbeat()
+    async for event in _follow_database(state, heartbeat, sent, original=message):
         yield event
 
 
 async def _follow_database(
-    message: Message, heartbeat: float | None
+    message: Message | None,
+    heartbeat: float | None,
+    sent: dict[bool, str],
+    *,
+    original: Message | None = None,
 ) -> AsyncIterator[GenerationEvent]:
-    sent = {False: "", True: ""}  # text already sent, by refusal or not
     quiet_since = time.monotonic()
-    state: Message | None = message
+    state = message
     while True:
         if state is None:  # deleted meanwhile
-            yield Finished(message, rebuild("not_found", "The message was deleted.", extra={}))
+            yield Finished(
+                original or message, rebuild("not_found", "The message was deleted.", extra={})
+            )
             return
-        for refusal, text in ((False, state.response), (True, state.refusal)):
-            if len(text) > len(sent[refusal]) and text.startswith(sent[refusal]):
-                yield TextDelta(text[len(sent[refusal]) :], refusal=refusal)
-                sent[refusal], quiet_since = text, time.monotonic()
+        for delta in _news(state, sent):
+            yield delta
+            quiet_since = time.monotonic()
         if state.is_finished:
             yield Finished(state, _stored_error(state))
             return
@@ -524,7 +574,7 @@ async def _follow_database(
             yield Heartbeat()
             quiet_since = time.monotonic()
         await asyncio.sleep(settings.CHAT_STREAM_SAVE_INTERVAL)
-        state = await db.run(_poll, message.pk)
+        state = await db.run(_poll, state.pk)
 
 
 def _poll(message_id: int) -> Message | None:
@@ -571,8 +621,10 @@ async def message_cancel(*, owner: AbstractBaseUser, message_id: int) -> Message
         return message
     generation = generations.get(message_id)
     if generation is None:
-        # Another process runs it: it looks for stop requests every CHAT_CANCEL_POLL_INTERVAL.
+        # Another process runs it: told through Redis at once when configured; in any case it
+        # looks for stop requests in the database every CHAT_CANCEL_POLL_INTERVAL.
         await db.run(_request_stop, message_id)
+        await live.request_stop(message_id)
     else:
         generation_service.stop(generation, reason="user")
     try:
