@@ -13,6 +13,8 @@ from django.db.models import F, Func, Q, QuerySet, TextField
 from chat.errors import DatabaseUnavailable, NotFound
 from chat.models import Conversation, Message
 
+# The order of a user's message list (oldest first, stable), served by message_owner_created_idx.
+MESSAGE_ORDER = ("created_at", "id")
 # Shortest term a PostgreSQL trigram index serves (migration 0005).
 TRIGRAM_LENGTH = 3
 
@@ -74,7 +76,7 @@ def message_list(
             "id"
         )
     else:
-        queryset = Message.objects.filter(owner=owner).order_by("created_at", "id")
+        queryset = Message.objects.filter(owner=owner).order_by(*MESSAGE_ORDER)
     if search:
         queryset = _text_search(queryset, search)
     return queryset

@@ -232,6 +232,10 @@ CHAT_CANCEL_POLL_INTERVAL = env.float("CHAT_CANCEL_POLL_INTERVAL", default=1.0)
 # where no index serves it (SQLite always; PostgreSQL for terms under 3 characters). 0: all.
 CHAT_SEARCH_MAX_LENGTH = env.int("CHAT_SEARCH_MAX_LENGTH", default=200)
 CHAT_SEARCH_SCAN_LIMIT = env.int("CHAT_SEARCH_SCAN_LIMIT", default=10000)
+# Lists' `count`: exact up to this many items; above, an exact count cached this many seconds
+# (a deep history is read with `?cursor=` instead).
+CHAT_LIST_EXACT_COUNT_LIMIT = env.int("CHAT_LIST_EXACT_COUNT_LIMIT", default=10000)
+CHAT_LIST_COUNT_CACHE_SECONDS = env.int("CHAT_LIST_COUNT_CACHE_SECONDS", default=60)
 
 # --- Users --------------------------------------------------------------------------------------
 # On: requests without credentials act as one shared user (CHAT_ANONYMOUS_USERNAME), throttled

@@ -33,7 +33,7 @@ from chat import db, exports, selectors
 from chat.api import sse
 from chat.api.base import APIView
 from chat.api.converters import parse_id
-from chat.api.pagination import PageNumberPagination
+from chat.api.pagination import CURSOR_PARAM, CursorPagination, PageNumberPagination
 from chat.api.serializers import (
     ConversationSerializer,
     MessageCreateSerializer,
@@ -106,8 +106,22 @@ def _id_param(request: Request, name: str) -> int | None:
     return number
 
 
-def _paginated(request: Request, view: APIView, queryset: QuerySet, serializer: Any) -> Response:
-    paginator = PageNumberPagination()
+def _paginated(
+    request: Request,
+    view: APIView,
+    queryset: QuerySet,
+    serializer: Any,
+    *,
+    keyset: tuple[str, ...] | None = None,
+) -> Response:
+    """Page-number pages; keyset pages (`?cursor=`) where the list has a `keyset` order."""
+    paginator: PageNumberPagination | CursorPagination
+    if keyset is not None and CURSOR_PARAM in request.query_params:
+        if "page" in request.query_params:
+            raise _invalid("cursor", "Give either `page` or `cursor`, not both.")
+        paginator = CursorPagination(keyset)
+    else:
+        paginator = PageNumberPagination()
     page = paginator.paginate_queryset(queryset, request, view=view)
     return paginator.get_paginated_response(serializer(page, many=True).data)
 
@@ -206,12 +220,12 @@ class MessageListView(APIView):
             raise _invalid(
                 "search", f"Must be at most {settings.CHAT_SEARCH_MAX_LENGTH} characters."
             )
+        conversation_id = _id_param(request, "conversation")
         queryset = selectors.message_list(
-            owner=self.owner,
-            search=search or None,
-            conversation_id=_id_param(request, "conversation"),
+            owner=self.owner, search=search or None, conversation_id=conversation_id
         )
-        return _paginated(request, self, queryset, MessageSerializer)
+        keyset = selectors.MESSAGE_ORDER if conversation_id is None else ("id",)
+        return _paginated(request, self, queryset, MessageSerializer, keyset=keyset)
 
 
 class MessageDetailView(APIView):
@@ -355,7 +369,7 @@ class ConversationMessagesView(APIView):
     def get(self, request: Request, conversation_id: int) -> Response:
         selectors.conversation_get(owner=self.owner, conversation_id=conversation_id)
         queryset = selectors.message_list(owner=self.owner, conversation_id=conversation_id)
-        return _paginated(request, self, queryset, MessageSerializer)
+        return _paginated(request, self, queryset, MessageSerializer, keyset=("id",))
 
 
 class ConversationExportView(APIView):
