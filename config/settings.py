@@ -49,6 +49,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "chat",
+    "web",
 ]
 
 MIDDLEWARE = [
@@ -190,6 +191,13 @@ CHAT_STREAM_SAVE_INTERVAL = env.float("CHAT_STREAM_SAVE_INTERVAL", default=1.0)
 CHAT_SSE_KEEPALIVE_SECONDS = env.float("CHAT_SSE_KEEPALIVE_SECONDS", default=15.0)
 # At startup, generations not updated for this long are marked interrupted (their process died).
 CHAT_STALE_GENERATION_SECONDS = env.float("CHAT_STALE_GENERATION_SECONDS", default=300.0)
+
+# --- Web chat page (web/) ---------------------------------------------------------------------
+# The browser chat page at `/`, a client of the API above; off: `/` answers the JSON 404.
+CHAT_WEB_UI = env.bool("CHAT_WEB_UI", default=True)
+LOGIN_URL = "web:login"
+LOGIN_REDIRECT_URL = "/"
+LOGOUT_REDIRECT_URL = "/"
 
 # --- REST framework / OpenAPI -----------------------------------------------------------------
 REST_FRAMEWORK = {
