@@ -67,7 +67,10 @@ def _page_config(request: HttpRequest) -> dict[str, Any]:
     authenticated = bool(user.is_authenticated)
     return {
         "apiRoot": settings.API_PATH_PREFIX,
-        "user": {"username": user.get_username() if authenticated else "", "authenticated": authenticated},
+        "user": {
+            "username": user.get_username() if authenticated else "",
+            "authenticated": authenticated,
+        },
         "anonymousAllowed": anonymous_allowed(),
         "loginUrl": resolve_url(settings.LOGIN_URL),
         # The allow-list as this process knows it; GET /api/models/ is asked first.

@@ -4,11 +4,13 @@ headless Chromium for the session; a fresh browser context (cookies, storage) pe
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.fake_openai import FakeOpenAI
-from tests.web.live import Service, launch_browser, start_service
+from tests.web.helpers import USERS
+from tests.web.live import Service, launch_browser, prepare_database, start_service
 
 
 @pytest.fixture(autouse=True)
@@ -32,8 +34,17 @@ def fake(web_fake: FakeOpenAI) -> Iterator[FakeOpenAI]:
 
 
 @pytest.fixture(scope="session")
-def service(tmp_path_factory, web_fake: FakeOpenAI) -> Iterator[Service]:
-    running = start_service(tmp_path_factory.mktemp("web-service"), web_fake.url)
+def database_template(tmp_path_factory) -> Path:
+    """Migrated once, with USERS; each service runs on a copy."""
+    return prepare_database(tmp_path_factory.mktemp("web-db") / "template.sqlite3", users=USERS)
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory, web_fake: FakeOpenAI, database_template: Path) -> Iterator[Service]:
+    """The service as `make run` serves it (anonymous use allowed, the default)."""
+    running = start_service(
+        tmp_path_factory.mktemp("web-service"), web_fake.url, database=database_template
+    )
     yield running
     running.stop()
 

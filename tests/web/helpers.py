@@ -6,6 +6,9 @@ import pytest
 
 from tests.web.live import Service
 
+#: The users in the browser tests' databases (username: password).
+USERS = {"alice": "alice-pass-8731", "bob": "bob-pass-2209", "carol": "carol-pass-5150"}
+
 
 def send(page, text: str) -> None:
     box = page.get_by_role("textbox", name="Message")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -77,26 +78,6 @@ class Service:
         except ValueError:
             return response.status, raw.decode(errors="replace")
 
-    def manage(self, *args: str) -> str:
-        """Runs a manage.py command against this service's database."""
-        result = subprocess.run(
-            [BIN / "python", "manage.py", *args],
-            cwd=ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return result.stdout
-
-    def create_user(self, username: str, password: str) -> None:
-        self.manage(
-            "shell",
-            "-c",
-            "from django.contrib.auth import get_user_model; "
-            f"get_user_model().objects.create_user({username!r}, password={password!r})",
-        )
-
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -107,16 +88,11 @@ class Service:
                 self.process.wait(timeout=5)
 
 
-def start_service(
-    directory: Path, openai_url: str, *, collectstatic: bool = True, **settings: str
-) -> Service:
-    """Migrates a fresh SQLite database in `directory` and serves the project under uvicorn;
-    `settings` are extra environment variables (e.g. CHAT_ALLOW_ANONYMOUS="false")."""
-    directory.mkdir(parents=True, exist_ok=True)
-    env = {
+def _base_env(database: Path, openai_url: str, settings: dict[str, str]) -> dict[str, str]:
+    return {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "config.settings",
-        "DATABASE_URL": f"sqlite:///{directory / 'db.sqlite3'}",
+        "DATABASE_URL": f"sqlite:///{database}",
         "OPENAI_API_KEY": TEST_API_KEY,
         "OPENAI_BASE_URL": openai_url,
         "OPENAI_MAX_RETRIES": "0",
@@ -125,15 +101,56 @@ def start_service(
         "LOG_LEVEL": "WARNING",
         **settings,
     }
-    subprocess.run([BIN / "python", "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
+
+
+_SETUP = """
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+
+call_command("migrate", verbosity=0)
+if {collectstatic!r}:
+    call_command("collectstatic", interactive=False, verbosity=0)
+for name, password in {users!r}.items():
+    user, _ = get_user_model().objects.get_or_create(username=name)
+    user.set_password(password)
+    user.save()
+"""
+
+
+def prepare_database(
+    path: Path, *, users: dict[str, str] | None = None, collectstatic: bool = True
+) -> Path:
+    """A migrated SQLite database with these users (username: password), in one Django
+    process (each start of one costs seconds); also collects the static files `make run`
+    serves. Services copy it (start_service(database=...))."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     if collectstatic:
         (ROOT / "var" / "static").mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [BIN / "python", "manage.py", "collectstatic", "--noinput", "-v0"],
-            cwd=ROOT,
-            env=env,
-            check=True,
-        )
+    code = _SETUP.format(collectstatic=collectstatic, users=dict(users or {}))
+    subprocess.run(
+        [BIN / "python", "manage.py", "shell", "-c", code],
+        cwd=ROOT,
+        env=_base_env(path, "http://127.0.0.1:9/v1", {}),
+        check=True,
+    )
+    return path
+
+
+def start_service(
+    directory: Path, openai_url: str, *, database: Path | None = None, **settings: str
+) -> Service:
+    """Serves the project under uvicorn with a copy of `database` (default: a fresh one,
+    migrated); `settings` are extra environment variables (e.g. CHAT_ALLOW_ANONYMOUS="false")."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "db.sqlite3"
+    if database is None:
+        prepare_database(path)
+    else:
+        for suffix in ("", "-wal", "-shm"):
+            source = Path(f"{database}{suffix}")
+            if source.exists():
+                shutil.copyfile(source, f"{path}{suffix}")
+    env = _base_env(path, openai_url, settings)
     port = free_port()
     log_path = directory / "service.log"
     with open(log_path, "wb") as log:

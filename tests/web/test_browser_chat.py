@@ -378,9 +378,7 @@ def test_the_page_has_no_console_errors_and_a_strict_csp(new_page, service):
     # Before the lead's API changes are merged, /api/models/ and /api/usage/ answer 404 (the
     # page then uses its own model list and hides usage): the only errors allowed.
     missing = [
-        path
-        for path in ("/api/models/", "/api/usage/")
-        if service.request("GET", path)[0] == 404
+        path for path in ("/api/models/", "/api/usage/") if service.request("GET", path)[0] == 404
     ]
     errors = [
         e
