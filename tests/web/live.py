@@ -128,7 +128,7 @@ def prepare_database(
         (ROOT / "var" / "static").mkdir(parents=True, exist_ok=True)
     code = _SETUP.format(collectstatic=collectstatic, users=dict(users or {}))
     subprocess.run(
-        [BIN / "python", "manage.py", "shell", "-c", code],
+        [BIN / "python", "manage.py", "shell", "--verbosity", "0", "-c", code],
         cwd=ROOT,
         env=_base_env(path, "http://127.0.0.1:9/v1", {}),
         check=True,
