@@ -19,7 +19,7 @@ from tests.web.live import start_service  # noqa: E402
 def log_in(page, username: str, password: str) -> None:
     page.get_by_label("Username").fill(username)
     page.get_by_label("Password").fill(password)
-    page.get_by_role("button", name="Log in").click()
+    page.get_by_role("button", name="Log in", exact=True).click()
 
 
 def require_private_api(service) -> None:
@@ -46,7 +46,7 @@ def test_log_in_and_out_while_anonymous_use_is_allowed(new_page, service):
     page = new_page()
     page.goto("/")
     page.locator("body.ready").wait_for()
-    page.get_by_role("link", name="Log in").click()
+    page.get_by_role("link", name="Log in", exact=True).click()
 
     expect(page.get_by_role("heading", name="Log in to Chat")).to_be_visible()
     expect(page.get_by_role("link", name="Continue without an account")).to_be_visible()
@@ -57,9 +57,9 @@ def test_log_in_and_out_while_anonymous_use_is_allowed(new_page, service):
     page.locator("body.ready").wait_for()
     account = chats(page)
     expect(account).to_contain_text("carol")
-    account.get_by_role("button", name="Log out").click()
+    account.get_by_role("button", name="Log out", exact=True).click()
     page.locator("body.ready").wait_for()
-    expect(chats(page).get_by_role("link", name="Log in")).to_be_visible()
+    expect(chats(page).get_by_role("link", name="Log in", exact=True)).to_be_visible()
     expect(chats(page)).not_to_contain_text("carol")
 
 
@@ -76,7 +76,7 @@ def test_login_is_required_and_users_never_see_each_others_chats(new_page, priva
     send(page, "Alice's secret plan [[reply:Noted, Alice.]]")
     expect(reply_text(page)).to_have_text("Noted, Alice.")
     alices_chat = page.url
-    chats(page).get_by_role("button", name="Log out").click()
+    chats(page).get_by_role("button", name="Log out", exact=True).click()
     expect(page).to_have_url(re.compile(r"/login/"))
 
     log_in(page, "bob", USERS["bob"])

@@ -120,7 +120,7 @@ def test_regenerate_replaces_the_reply_and_keeps_the_earlier_one(page):
     expect(reply_text(page)).to_have_text("Teal.")
     expect(reply(page)).to_contain_text("gpt-3.5-turbo")
 
-    page.get_by_label("Model").select_option("gpt-4o")
+    page.get_by_role("combobox", name="Model").select_option("gpt-4o")
     reply(page).get_by_role("button", name="Regenerate reply").click()
     expect(page.get_by_role("button", name="Stop generating")).to_be_visible()
     expect(reply(page).get_by_role("button", name="Regenerate reply")).to_be_visible()
@@ -255,9 +255,9 @@ def test_copy_a_reply_and_a_code_block(new_page):
 
 
 def test_the_chosen_model_answers(page):
-    options = page.get_by_label("Model").locator("option")
+    options = page.get_by_role("combobox", name="Model").locator("option")
     expect(options.filter(has_text="gpt-4o-mini")).to_have_count(1)
-    page.get_by_label("Model").select_option("gpt-4o-mini")
+    page.get_by_role("combobox", name="Model").select_option("gpt-4o-mini")
     send(page, "Which model? [[reply:This one.]]")
     expect(reply_text(page)).to_have_text("This one.")
     expect(reply(page)).to_contain_text("gpt-4o-mini")
@@ -316,7 +316,7 @@ def test_keyboard_only_from_the_first_tab_to_a_reply(page):
     page.keyboard.press("Enter")
     expect(box).to_be_focused()
     # From the top bar, Tab reaches the box.
-    page.get_by_label("Model").focus()
+    page.get_by_role("combobox", name="Model").focus()
     for _ in range(6):
         page.keyboard.press("Tab")
         if page.evaluate("document.activeElement.id") == "prompt":
@@ -438,10 +438,10 @@ def test_usage_and_models_come_from_the_api(page, service):
     require_endpoint(service, "GET", "/api/usage/", "usage")
     require_endpoint(service, "GET", "/api/models/", "the model list")
     _, models = service.request("GET", "/api/models/")
-    expect(page.get_by_label("Model").locator("option")).to_have_text(
+    expect(page.get_by_role("combobox", name="Model").locator("option")).to_have_text(
         [m["id"] for m in models["results"]]
     )
-    expect(page.get_by_label("Model")).to_have_value(models["default"])
+    expect(page.get_by_role("combobox", name="Model")).to_have_value(models["default"])
 
     usage = page.get_by_role("region", name="Usage this month")
     expect(usage).to_be_visible()
