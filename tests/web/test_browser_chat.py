@@ -83,6 +83,31 @@ def test_reloading_or_reopening_mid_stream_follows_the_reply_to_its_end(page, ne
         expect(turns(seen)).to_have_count(1)
 
 
+def test_following_the_reply_pauses_while_the_reader_scrolls_up(page):
+    lines = "\n\n".join(f"Line {i}." for i in range(1, 81))
+    send(page, f"Many lines [[reply:{lines}]] [[latency:3]] [[chunks:40]]")
+    answer = reply_text(page)
+    expect(answer).to_contain_text("Line 25.")
+    transcript = page.get_by_role("region", name="Messages")
+    distance = "e => e.scrollHeight - e.scrollTop - e.clientHeight"
+    assert transcript.evaluate(distance) < 30  # following the reply down
+
+    box = transcript.bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.wheel(0, -500)
+    jump = page.get_by_role("button", name="Jump to latest")
+    expect(jump).to_be_visible()
+    position = transcript.evaluate("e => e.scrollTop")
+    expect(answer).to_contain_text("Line 60.")  # still growing...
+    assert abs(transcript.evaluate("e => e.scrollTop") - position) <= 2  # ...the view stays put
+    expect(answer).to_contain_text("Line 80.")
+    assert transcript.evaluate(distance) > 200
+
+    jump.click()
+    expect(jump).to_be_hidden()
+    assert transcript.evaluate(distance) < 30
+
+
 def test_escape_stops_the_reply(page):
     text = words("w", 40)
     send(page, f"Go on and on [[reply:{text}]] [[latency:4]] [[chunks:20]]")

@@ -474,6 +474,7 @@ function describe(error) {
 }
 
 function clearError() {
+  keepFocus(ui.error);
   window.clearInterval(state.retryTimer);
   state.retryTimer = null;
   ui.error.hidden = true;
@@ -647,7 +648,9 @@ function modelChoice() {
   return ui.model.value || null;
 }
 
-async function send(text) {
+/** Send a prompt. `key` (Idempotency-Key) is kept by Retry: if the first attempt reached the
+ * server after all, the retry gets the same message back instead of a second one. */
+async function send(text, key = newKey()) {
   if (state.generation || !text.trim()) return;
   clearError();
   const body = { prompt_message: text, stream: true };
@@ -664,7 +667,7 @@ async function send(text) {
     method: "POST",
     clear: true,
     body,
-    headers: { "Idempotency-Key": newKey() },
+    headers: { "Idempotency-Key": key },
     onStart: (message) => {
       if (conversationAtSend == null && message.conversation != null) adoptConversation(message.conversation);
     },
@@ -692,14 +695,29 @@ async function send(text) {
         autosize();
         updateSendButton();
       }
-      showError(error, { retry: () => send(ui.prompt.value || text) });
+      showError(error, {
+        retry: () => {
+          if (ui.prompt.value === text) {
+            ui.prompt.value = "";
+            autosize();
+          }
+          send(text, key);
+        },
+      });
       if (error.code === "budget_exceeded") refreshUsage();
     },
   });
 }
 
+/** The focus was on a control that is about to disappear: the box takes it. */
+function keepFocus(...containers) {
+  const active = document.activeElement;
+  if (active && containers.some((container) => container.contains(active))) ui.prompt.focus();
+}
+
 async function regenerate(turn) {
   if (state.generation || turn.id == null) return;
+  keepFocus(turn.el, ui.error);
   clearError();
   const body = { stream: true };
   const model = modelChoice();
