@@ -261,6 +261,72 @@ def test_markdown_from_the_model_is_rendered_inert(page):
     assert page.evaluate("window.__owned") is None
 
 
+TRICKY_MARKDOWN = [
+    "[a](JaVaScRiPt:alert(1))",
+    "[b](  javascript:alert(1))",
+    "[c](&#x6A;avascript:alert(1))",
+    "[d](data:text/html;base64,PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg==)",
+    "[e](vbscript:msgbox(1))",
+    "[f](/relative/path) [g](#fragment)",
+    "![h](javascript:alert(1)) ![i](https://example.com/i.png)",
+    "<a href='javascript:alert(1)'>j</a> <svg onload=alert(1)> <iframe src=//evil>",
+    "<javascript:alert(1)> <https://example.com/ok> mail@example.com",
+    "| x |\n|--:|\n| 1 |",
+]
+
+
+def test_the_markdown_renderer_keeps_only_safe_links(page):
+    """markdown.js directly, on inputs made to slip past a renderer."""
+    rendered = page.evaluate(
+        """async (inputs) => {
+            const { renderMarkdown } = await import("/static/web/markdown.js");
+            return inputs.map((text) => {
+                const box = document.createElement("div");
+                box.append(renderMarkdown(text));
+                return {
+                    html: box.innerHTML,
+                    hrefs: [...box.querySelectorAll("[href]")].map((a) => a.getAttribute("href")),
+                    bad: box.querySelectorAll("script, img, svg, iframe, [style], [src]").length,
+                    handlers: [...box.querySelectorAll("*")].some((node) =>
+                        [...node.attributes].some((attr) => attr.name.startsWith("on"))),
+                };
+            });
+        }""",
+        TRICKY_MARKDOWN,
+    )
+    hrefs = [href for result in rendered for href in result["hrefs"]]
+    assert hrefs == [
+        "https://example.com/i.png",
+        "https://example.com/ok",
+        "mailto:mail@example.com",
+    ]
+    assert all(result["bad"] == 0 and not result["handlers"] for result in rendered), rendered
+    assert "&lt;svg onload=alert(1)&gt;" in rendered[7]["html"]
+    assert 'class="align-right"' in rendered[9]["html"]
+
+
+def test_the_event_stream_parser_reassembles_events_from_any_chunks(page):
+    events = page.evaluate(
+        """async (text) => {
+            const { createEventParser } = await import("/static/web/api.js");
+            const events = [];
+            const parser = createEventParser((name, data) => events.push([name, data]));
+            for (const character of text) parser.push(character);  // the worst split
+            parser.end();
+            return events;
+        }""",
+        'event: start\r\ndata: {"id": 1}\r\n\r\n: keep-alive\n\n'
+        'event: delta\ndata: {"content": "a\\nb"}\n\n'
+        "data: first\ndata: second\n\nevent: message\ndata: {}",
+    )
+    assert events == [
+        ["start", '{"id": 1}'],
+        ["delta", '{"content": "a\\nb"}'],
+        ["message", "first\nsecond"],
+        ["message", "{}"],
+    ]
+
+
 def test_copy_a_reply_and_a_code_block(new_page):
     page = new_page(permissions=["clipboard-read", "clipboard-write"])
     page.goto("/")

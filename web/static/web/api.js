@@ -26,7 +26,19 @@ export class ApiError extends Error {
     }
     this.retryAfter = retryAfter == null ? null : Math.max(0, Math.ceil(Number(retryAfter)));
   }
+
+  /** No user is logged in (or the session ended): 401, or DRF's 403 for session-only auth. */
+  get needsLogin() {
+    return this.status === 401 || (this.status === 403 && LOGIN_CODES.has(this.code));
+  }
+
+  /** The CSRF token this page holds is no longer the session's (a login or logout elsewhere). */
+  get staleToken() {
+    return this.status === 403 && /^CSRF Failed/i.test(this.message);
+  }
 }
+
+const LOGIN_CODES = new Set(["not_authenticated", "authentication_failed"]);
 
 /** An error event received on a stream, as an ApiError. */
 export function streamError(body) {
@@ -40,7 +52,7 @@ export function networkError(cause) {
 }
 
 let onUnauthorized = null;
-/** Called (once per answer) when the API answers 401: the session is gone. */
+/** Called when the API answers that a login is needed (the session is gone). */
 export function setUnauthorizedHandler(handler) {
   onUnauthorized = handler;
 }
@@ -69,7 +81,7 @@ async function readJson(response) {
 async function failure(response) {
   const body = await readJson(response);
   const error = new ApiError(response.status, body, response.headers);
-  if (response.status === 401 && onUnauthorized) onUnauthorized(error);
+  if (error.needsLogin && onUnauthorized) onUnauthorized(error);
   return error;
 }
 

@@ -467,6 +467,9 @@ function describe(error) {
       return "The connection to the server was lost before the reply finished.";
     case "not_found":
       return error.message || "Not found.";
+    case "permission_denied":
+      if (error.staleToken) return "This page is out of date with your login (you logged in or out elsewhere): reload it.";
+      return error.message || "This is not allowed.";
     default:
       if (error.code && error.code.startsWith("upstream_")) return `The model service failed: ${error.message}`;
       return error.message || "Something went wrong.";
@@ -635,7 +638,7 @@ async function failed(turn, error) {
 /** The request was answered with an error before any streaming (nothing, or a failed prompt). */
 function refused(turn, error) {
   turn.streaming = false;
-  if (error.status === 401) {
+  if (error.needsLogin) {
     goToLogin();
     return;
   }
@@ -672,7 +675,7 @@ async function send(text, key = newKey()) {
       if (conversationAtSend == null && message.conversation != null) adoptConversation(message.conversation);
     },
     onRefused: async (error) => {
-      if (error.status === 401) {
+      if (error.needsLogin) {
         goToLogin();
         return;
       }
@@ -730,7 +733,7 @@ async function regenerate(turn) {
     body,
     onRefused: (error) => {
       turn.finish(before);
-      if (error.status === 401) goToLogin();
+      if (error.needsLogin) goToLogin();
       else showError(error, { retry: () => regenerate(turn) });
     },
   });
@@ -760,7 +763,7 @@ async function stop() {
   try {
     turn.finish(await api(url.cancel(generation.messageId), { method: "POST" }));
   } catch (error) {
-    if (error.status === 401) return goToLogin();
+    if (error.needsLogin) return goToLogin();
     // Without the cancel endpoint the server finishes the reply anyway; what was shown stays.
     turn.finish({ ...turn.message, response: turn.text, status: "cancelled" });
     if (error.status !== 404) showError(error);
@@ -817,7 +820,7 @@ async function loadConversations({ append = false } = {}) {
     state.conversationsLoaded = true;
     renderConversationList();
   } catch (error) {
-    if (error.status === 401) return goToLogin();
+    if (error.needsLogin) return goToLogin();
     ui.listNote.hidden = false;
     ui.listNote.textContent = "Chats could not be loaded.";
   }
@@ -892,7 +895,7 @@ function startRename(item, conversation) {
         if (conversation.id === state.currentId) setTitle(updated.title);
         announce(`Renamed to ${updated.title}.`);
       } catch (error) {
-        if (error.status === 401) return goToLogin();
+        if (error.needsLogin) return goToLogin();
         showError(error);
       }
     }
@@ -930,7 +933,7 @@ function confirmDelete(conversation) {
       renderConversationList();
       ui.newChat.focus();
     } catch (error) {
-      if (error.status === 401) return goToLogin();
+      if (error.needsLogin) return goToLogin();
       showError(error);
     }
   };
@@ -989,12 +992,13 @@ async function openConversation(id, { push = false } = {}) {
   } catch (error) {
     if (seq !== state.loadSeq) return;
     ui.loading.hidden = true;
-    if (error.status === 401) return goToLogin();
+    if (error.needsLogin) return goToLogin();
     state.currentId = null;
     setTitle(null);
     renderTurns([]);
     renderConversationList();
-    showError(error.status === 404 ? new ApiError(404, { error: { code: "not_found", message: "This chat does not exist, or is not yours." } }, null) : error);
+    const missing = error.status === 404 || (error.status === 403 && !error.staleToken);
+    showError(missing ? new ApiError(404, { error: { code: "not_found", message: "This chat does not exist, or is not yours." } }, null) : error);
   }
 }
 
@@ -1016,7 +1020,7 @@ async function loadModels() {
       }
     }
   } catch (error) {
-    if (error.status === 401) return goToLogin();
+    if (error.needsLogin) return goToLogin();
     // Older servers have no /api/models/: the page's own list is used.
   }
   state.models = models;
@@ -1050,7 +1054,7 @@ async function refreshUsage() {
   try {
     usage = await api(url.usage());
   } catch (error) {
-    if (error.status === 401) return goToLogin();
+    if (error.needsLogin) return goToLogin();
     ui.usage.hidden = true; // no usage endpoint on this server
     return;
   }
