@@ -8,7 +8,19 @@ belongs to), `headers` adds response headers (e.g. Retry-After).
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any
+
+# Anything shaped like an API key or bearer credential: OpenAI's `sk-...` keys (and the `sess-`,
+# `org-` ids), and the value of an Authorization header.
+_SECRET_SHAPED = re.compile(
+    r"\b(?:sk|sess|org)-[A-Za-z0-9_\-*.]{4,}|\b(?:Bearer|Token)\s+[A-Za-z0-9_\-.=:/+]{8,}"
+)
+
+
+def redact_secrets(text: str) -> str:
+    """`text` with anything shaped like a key or credential replaced by `[redacted]`."""
+    return _SECRET_SHAPED.sub("[redacted]", text)
 
 
 class ApplicationError(Exception):
@@ -46,14 +58,6 @@ class NotFound(ApplicationError):
 class InvalidRequest(ApplicationError):
     status_code = 400
     code = "invalid"
-
-
-class IdempotencyKeyInUse(ApplicationError):
-    status_code = 409
-    code = "idempotency_key_in_use"
-    default_message = (
-        "A request with this Idempotency-Key is still being processed; retry after it finishes."
-    )
 
 
 class MessageInProgress(ApplicationError):
@@ -162,3 +166,35 @@ def rebuild(code: str, message: str, *, extra: dict[str, Any]) -> ApplicationErr
     error = error_class(message or None, extra=extra)
     error.code = code
     return error
+
+
+# --- Billing (raised by billing.services and billing.limits) -------------------------------
+
+
+class RateLimited(ApplicationError):
+    """Too many requests from this user or client; `retry_after` (seconds) and Retry-After."""
+
+    status_code = 429
+    code = "rate_limited"
+    default_message = "Too many requests; try again later."
+
+
+class TooManyConcurrent(ApplicationError):
+    """The user already has the most replies generating at once; `limit`, Retry-After: 1."""
+
+    status_code = 429
+    code = "too_many_concurrent"
+    default_message = (
+        "You already have as many replies being generated as allowed at once; wait for one "
+        "to finish."
+    )
+
+
+class BudgetExceeded(ApplicationError):
+    """The request could cost more than what remains of the user's budget for the period.
+    Adds budget_usd, spent_usd, reserved_usd, remaining_usd, required_usd (money strings),
+    resets_at (ISO 8601 UTC) and retry_after (seconds to the reset), and Retry-After."""
+
+    status_code = 429
+    code = "budget_exceeded"
+    default_message = "Your usage budget does not cover this request."

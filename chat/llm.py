@@ -1,25 +1,26 @@
 """The gateway to the model API: the only module that touches the `openai` SDK.
 
-The client is built from settings at call time (never at import) and cached per event loop,
-because an `AsyncOpenAI` client's connection pool is bound to the loop that first used it.
-SDK exceptions are translated here into the `chat.errors` family, so nothing above this module
-knows the SDK exists.
+Calls go through the SDK's typed `client.chat.completions.create()`; its models give the reply,
+the refusal and the usage their real types. The client is built from settings at call time
+(never at import) and cached per event loop, because an `AsyncOpenAI` client's connection pool
+is bound to the loop that first used it. SDK exceptions are translated here into the
+`chat.errors` family, so nothing above this module knows the SDK exists; anything else (a bug of
+ours, e.g. after an SDK upgrade) propagates as what it is.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import hashlib
+import json
 import logging
 import random
-import re
 import time
 import typing
-import uuid
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import httpx2
@@ -27,16 +28,18 @@ import openai
 from django.conf import settings
 
 from chat import errors
-from chat.http_transport import HTTPTransport, LeanAsyncClient
 
 logger = logging.getLogger(__name__)
 
 ChatTurn = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": "..."}
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class Completion:
     text: str
+    # The model's explanation when it declined to answer ("" otherwise).
+    refusal: str
     model: str
     finish_reason: str | None
     prompt_tokens: int | None
@@ -46,9 +49,10 @@ class Completion:
 
 @dataclass(frozen=True)
 class Delta:
-    """A piece of a streamed reply."""
+    """A piece of a streamed reply (or, with `refusal`, of the model's refusal)."""
 
     text: str
+    refusal: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,36 +61,31 @@ class GenerationOptions:
     temperature: float | None = None
     max_tokens: int | None = None
 
+    @property
+    def completion_token_cap(self) -> int:
+        """The longest reply this call may produce: what it asked for, else the server's cap.
+        Always sent upstream, so a reply never costs more than its budget reservation."""
+        return self.max_tokens or settings.CHAT_MAX_COMPLETION_TOKENS
+
     def as_request_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"model": self.model}
+        kwargs: dict[str, Any] = {"model": self.model, "max_tokens": self.completion_token_cap}
         if self.temperature is not None:
             kwargs["temperature"] = self.temperature
-        if self.max_tokens is not None:
-            kwargs["max_tokens"] = self.max_tokens
         return kwargs
 
 
-@dataclass(frozen=True)
 class _Upstream:
-    config: tuple
-    client: openai.AsyncOpenAI
-    # The endpoint as an absolute URL: the SDK then parses it once per call instead of three
-    # times to join it to the base URL.
-    completions_url: str
-    # The client's own settings, given per call: the SDK's request options would otherwise
-    # deep-copy a default object for each one on every call.
-    request_options: dict[str, Any]
+    """The SDK client of one event loop, and a digest of the settings it was built from (a
+    digest, so that nothing of ours that could be logged or repr'd holds the API key)."""
 
-    def call_options(self) -> dict[str, Any]:
-        """Options for one model call, its retries included. The SDK makes a UUID per call as
-        the call's idempotency key (which it sends only to APIs that take one); a process
-        prefix and a counter give the same uniqueness for less."""
-        key = f"chat-{_CALL_KEY_PREFIX}-{next(_call_numbers)}"
-        return {**self.request_options, "headers": {}, "idempotency_key": key}
+    __slots__ = ("client", "settings_digest")
 
+    def __init__(self, client: openai.AsyncOpenAI, settings_digest: str) -> None:
+        self.client = client
+        self.settings_digest = settings_digest
 
-_CALL_KEY_PREFIX = uuid.uuid4().hex
-_call_numbers = itertools.count(1)
+    def __repr__(self) -> str:
+        return f"<_Upstream {self.client.base_url}>"
 
 
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Upstream] = (
@@ -98,15 +97,15 @@ def is_configured() -> bool:
     return bool(settings.OPENAI_API_KEY)
 
 
-def _client_config() -> tuple:
-    return (
+def _settings_digest() -> str:
+    values = (
         settings.OPENAI_API_KEY,
         settings.OPENAI_BASE_URL,
         settings.OPENAI_TIMEOUT,
-        settings.OPENAI_MAX_RETRIES,
         settings.OPENAI_MAX_CONNECTIONS,
-        settings.OPENAI_HTTP_BACKEND,
+        settings.OPENAI_HTTP_CLIENT,
     )
+    return hashlib.sha256(repr(values).encode()).hexdigest()
 
 
 def _upstream() -> _Upstream:
@@ -114,10 +113,10 @@ def _upstream() -> _Upstream:
     if not is_configured():
         raise errors.ServiceNotConfigured()
     loop = asyncio.get_running_loop()
-    config = _client_config()
+    digest = _settings_digest()
     cached = _clients.get(loop)
     if cached is not None:
-        if cached.config == config:
+        if cached.settings_digest == digest:
             return cached
         # The settings changed: let the old client finish its requests, then close.
         _retire(cached.client)
@@ -126,28 +125,19 @@ def _upstream() -> _Upstream:
         max_connections=settings.OPENAI_MAX_CONNECTIONS,
         max_keepalive_connections=settings.OPENAI_MAX_CONNECTIONS,
     )
-    if settings.OPENAI_HTTP_BACKEND == "httptools":
-        http_client = LeanAsyncClient(
-            timeout=timeout,
-            transport=HTTPTransport(max_connections=settings.OPENAI_MAX_CONNECTIONS),
-        )
-    elif settings.OPENAI_HTTP_BACKEND == "aiohttp":
-        http_client = openai.DefaultAioHttpClient(timeout=timeout, limits=limits)
-    else:
-        http_client = openai.DefaultAsyncHttpxClient(timeout=timeout, limits=limits)
+    http_client_class = (
+        openai.DefaultAioHttpClient
+        if settings.OPENAI_HTTP_CLIENT == "aiohttp"
+        else openai.DefaultAsyncHttpxClient
+    )
     client = openai.AsyncOpenAI(
         api_key=settings.OPENAI_API_KEY,
         base_url=settings.OPENAI_BASE_URL,
         timeout=timeout,
         max_retries=0,  # retried by _with_retries, within our deadline
-        http_client=http_client,
+        http_client=http_client_class(timeout=timeout, limits=limits),
     )
-    upstream = _Upstream(
-        config,
-        client,
-        str(client.base_url).rstrip("/") + CHAT_COMPLETIONS_PATH,
-        {"timeout": timeout, "max_retries": 0},
-    )
+    upstream = _Upstream(client, digest)
     _clients[loop] = upstream
     return upstream
 
@@ -182,7 +172,7 @@ def _retry_delay(error: errors.UpstreamError, attempt: int) -> float:
     return min(8.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)  # noqa: S311
 
 
-async def _with_retries(call, deadline: float):
+async def _with_retries(call: Callable[[], Awaitable[T]], deadline: float) -> T:
     """Run `call()` until it succeeds, retrying transient upstream failures.
 
     The SDK's own retries are off: it would sleep for a long Retry-After past our deadline and
@@ -194,7 +184,7 @@ async def _with_retries(call, deadline: float):
         try:
             async with asyncio.timeout_at(deadline):
                 return await call()
-        except BaseException as exc:
+        except Exception as exc:
             error = _translate(exc)
             if not isinstance(error, _RETRYABLE) or attempt >= settings.OPENAI_MAX_RETRIES:
                 _reraise(exc, error)
@@ -206,68 +196,37 @@ async def _with_retries(call, deadline: float):
             await asyncio.sleep(delay)
 
 
-# The Chat Completions endpoint is called through the SDK client's generic `post()` (the SDK's
-# documented way to make any request), with plain JSON in and out. The typed
-# `client.chat.completions.create()` walks every request through TypedDict transforms and builds
-# a model object for every response and stream chunk: 2.3 ms of CPU per call against 0.9 ms
-# here (BENCHMARKS.md). Requests, auth, timeouts and status-code exceptions are the SDK's either
-# way; the response fields used are read and checked below.
-CHAT_COMPLETIONS_PATH = "/chat/completions"
-
-
-def _request_body(
-    messages: Sequence[ChatTurn], options: GenerationOptions, *, stream: bool
-) -> dict[str, Any]:
-    body: dict[str, Any] = {"messages": list(messages), **options.as_request_kwargs()}
-    if stream:
-        body["stream"] = True
-        body["stream_options"] = {"include_usage": True}
-    return body
-
-
-def _usage_counts(usage: Any) -> tuple[int | None, int | None]:
-    if not isinstance(usage, dict):
-        return None, None
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    return (
-        prompt if isinstance(prompt, int) else None,
-        completion if isinstance(completion, int) else None,
+def _bad_response(detail: str) -> errors.UpstreamBadResponse:
+    return errors.UpstreamBadResponse(
+        f"The model API sent a reply that is not a chat completion: {detail}."
     )
 
 
 async def complete(*, messages: Sequence[ChatTurn], options: GenerationOptions) -> Completion:
     """One non-streaming chat completion; OPENAI_TIMEOUT bounds it, retries included."""
-    upstream = _upstream()
+    client = _upstream().client
     started = time.monotonic()
     deadline = asyncio.get_running_loop().time() + settings.OPENAI_TIMEOUT
-    body = _request_body(messages, options, stream=False)
-    call_options = upstream.call_options()
-    result = await _with_retries(
-        lambda: upstream.client.post(
-            upstream.completions_url,
-            body=body,
-            cast_to=object,
-            options=call_options,
+    response = await _with_retries(
+        lambda: client.chat.completions.create(
+            messages=list(messages),  # type: ignore[arg-type]
+            **options.as_request_kwargs(),
         ),
         deadline,
     )
-    latency_ms = int((time.monotonic() - started) * 1000)
-    try:
-        choice = result["choices"][0]
-        text = choice["message"].get("content") or ""
-        if not isinstance(text, str):
-            raise TypeError("content is not a string")
-        prompt_tokens, completion_tokens = _usage_counts(result.get("usage"))
-        return Completion(
-            text=text,
-            model=result.get("model") or options.model,
-            finish_reason=choice.get("finish_reason"),
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            latency_ms=latency_ms,
-        )
-    except (AttributeError, IndexError, KeyError, TypeError) as exc:
-        raise errors.UpstreamBadResponse() from exc
+    if not response.choices:
+        raise _bad_response("no choices")
+    choice = response.choices[0]
+    usage = response.usage
+    return Completion(
+        text=choice.message.content or "",
+        refusal=choice.message.refusal or "",
+        model=response.model or options.model,
+        finish_reason=choice.finish_reason,
+        prompt_tokens=usage.prompt_tokens if usage else None,
+        completion_tokens=usage.completion_tokens if usage else None,
+        latency_ms=int((time.monotonic() - started) * 1000),
+    )
 
 
 async def stream(
@@ -279,49 +238,47 @@ async def stream(
     between chunks, not the whole generation. A stream that ends without a finish_reason raises
     `UpstreamTruncated`.
     """
-    upstream = _upstream()
+    client = _upstream().client
     started = time.monotonic()
-    parts: list[str] = []
-    finish_reason: str | None = None
-    model = options.model
-    usage: Any = None
     deadline = asyncio.get_running_loop().time() + settings.OPENAI_TIMEOUT
-    body = _request_body(messages, options, stream=True)
-    call_options = upstream.call_options()
     response = await _with_retries(
-        lambda: upstream.client.post(
-            upstream.completions_url,
-            body=body,
-            cast_to=object,
-            options=call_options,
+        lambda: client.chat.completions.create(
+            messages=list(messages),  # type: ignore[arg-type]
             stream=True,
-            stream_cls=openai.AsyncStream[object],
+            stream_options={"include_usage": True},
+            **options.as_request_kwargs(),
         ),
         deadline,
     )
-    gap_timeout = settings.OPENAI_TIMEOUT
+    parts: list[str] = []
+    refusal_parts: list[str] = []
+    finish_reason: str | None = None
+    model = options.model
+    usage = None
     try:
         async with response:
-            iterator = response.__aiter__()
+            chunks = response.__aiter__()
             while True:
                 try:
-                    async with asyncio.timeout(gap_timeout):
-                        chunk = await iterator.__anext__()
+                    async with asyncio.timeout(settings.OPENAI_TIMEOUT):
+                        chunk = await chunks.__anext__()
                 except StopAsyncIteration:
                     break
-                model = chunk.get("model") or model
-                if chunk.get("usage"):
-                    usage = chunk["usage"]
-                for choice in chunk.get("choices") or ():
-                    content = (choice.get("delta") or {}).get("content")
-                    if content:
-                        parts.append(content)
-                        yield Delta(content)
-                    if choice.get("finish_reason"):
-                        finish_reason = choice["finish_reason"]
-    except BaseException as exc:
+                model = chunk.model or model
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                for choice in chunk.choices:
+                    if choice.delta.content:
+                        parts.append(choice.delta.content)
+                        yield Delta(choice.delta.content)
+                    if choice.delta.refusal:
+                        refusal_parts.append(choice.delta.refusal)
+                        yield Delta(choice.delta.refusal, refusal=True)
+                    if choice.finish_reason:
+                        finish_reason = choice.finish_reason
+    except Exception as exc:
         translated = _translate(exc)
-        if parts and isinstance(translated, errors.UpstreamError):
+        if (parts or refusal_parts) and isinstance(translated, errors.UpstreamError):
             # Text was already delivered: the reply is cut short, whatever cut it.
             translated = errors.UpstreamTruncated(
                 f"The reply stream broke off before the reply was finished ({translated.code})."
@@ -329,23 +286,15 @@ async def stream(
         _reraise(exc, translated)
     if finish_reason is None:
         raise errors.UpstreamTruncated()
-    prompt_tokens, completion_tokens = _usage_counts(usage)
     yield Completion(
         text="".join(parts),
+        refusal="".join(refusal_parts),
         model=model,
         finish_reason=finish_reason,
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
+        prompt_tokens=usage.prompt_tokens if usage else None,
+        completion_tokens=usage.completion_tokens if usage else None,
         latency_ms=int((time.monotonic() - started) * 1000),
     )
-
-
-_KEY_SHAPED = re.compile(r"\b(sk|sess|org)-[A-Za-z0-9_\-*.]{4,}")
-
-
-def redact(text: str) -> str:
-    """Remove anything shaped like an API key from an upstream message before we store it."""
-    return _KEY_SHAPED.sub("[redacted]", text)
 
 
 def _upstream_message(exc: openai.APIStatusError) -> str:
@@ -353,7 +302,7 @@ def _upstream_message(exc: openai.APIStatusError) -> str:
     if isinstance(body, dict):
         inner = body.get("error", body)
         if isinstance(inner, dict) and isinstance(inner.get("message"), str):
-            return redact(inner["message"])[:500]
+            return errors.redact_secrets(inner["message"])[:500]
     return f"HTTP {exc.status_code}"
 
 
@@ -364,8 +313,8 @@ def _reraise(exc: BaseException, translated: BaseException) -> typing.NoReturn:
 
 
 def _is_disconnect(exc: BaseException) -> bool:
-    """The aiohttp transport reports every connection error (refused, reset, closed) as a
-    connect timeout; find the real cause so it is not answered as a 504."""
+    """The aiohttp client reports every connection error (refused, reset, closed) as a connect
+    timeout; find the real cause so it is not answered as a 504."""
     seen = exc.__cause__ or exc.__context__
     while seen is not None:
         if isinstance(seen, aiohttp.ClientConnectionError) and not isinstance(
@@ -404,12 +353,12 @@ def _translate(exc: BaseException) -> BaseException:
             extra={"upstream_status": exc.status_code},
         )
     if isinstance(exc, openai.APIResponseValidationError):
-        return errors.UpstreamBadResponse()
+        return _bad_response("its body does not match the API's schema")
     if isinstance(exc, openai.APIConnectionError):
         return errors.UpstreamUnavailable("The model API could not be reached.")
-    if isinstance(
-        exc, (openai.OpenAIError, ValueError, httpx2.HTTPError, AttributeError, TypeError)
-    ):
-        # JSON that does not parse, a body of the wrong shape, a stream cut mid-frame.
-        return errors.UpstreamBadResponse()
+    if isinstance(exc, json.JSONDecodeError):
+        return _bad_response("its body is not valid JSON")
+    if isinstance(exc, httpx2.TransportError):
+        # A streamed body cut mid-way (connection reset, incomplete chunked encoding...).
+        return errors.UpstreamUnavailable("The connection to the model API broke.")
     return exc

@@ -1,3 +1,4 @@
+from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
@@ -6,11 +7,15 @@ class MessageStatus(models.TextChoices):
     PENDING = "pending", "Pending"
     STREAMING = "streaming", "Streaming"
     COMPLETED = "completed", "Completed"
+    # The model declined to answer: `refusal` holds its explanation, `response` stays empty.
+    REFUSED = "refused", "Refused"
     FAILED = "failed", "Failed"
     # The upstream stream ended without a finish_reason: the text is kept but is not whole.
     TRUNCATED = "truncated", "Truncated"
-    # Our own server stopped while generating: the text so far is kept.
+    # The server stopped (shutdown, or its process died) while generating: text so far kept.
     INTERRUPTED = "interrupted", "Interrupted"
+    # Stopped by its user: the text so far is kept.
+    CANCELLED = "cancelled", "Cancelled"
 
 
 IN_PROGRESS_STATUSES = (MessageStatus.PENDING, MessageStatus.STREAMING)
@@ -19,6 +24,12 @@ IN_PROGRESS_STATUSES = (MessageStatus.PENDING, MessageStatus.STREAMING)
 class Conversation(models.Model):
     """A multi-turn chat. Its settings apply to every message unless a request overrides them."""
 
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        related_name="chat_conversations",
+        db_index=False,  # served by conversation_owner_idx
+    )
     title = models.CharField(max_length=200, blank=True, default="")
     system_prompt = models.TextField(blank=True, default="")
     # Blank means the server default (OPENAI_MODEL); nulls mean the model's own defaults.
@@ -31,7 +42,9 @@ class Conversation(models.Model):
 
     class Meta:
         ordering = ["-updated_at", "-id"]
-        indexes = [models.Index(fields=["-updated_at", "-id"], name="conversation_activity_idx")]
+        indexes = [
+            models.Index(fields=["owner", "-updated_at", "-id"], name="conversation_owner_idx"),
+        ]
 
     def __str__(self) -> str:
         return self.title or f"Conversation {self.pk}"
@@ -40,26 +53,40 @@ class Conversation(models.Model):
 class Message(models.Model):
     """One exchange: the user's prompt and the model's reply, with what an operator needs."""
 
-    # Indexed by message_conversation_idx (conversation, id), which serves every lookup by
-    # conversation; an index of its own would be one more B-tree to write per message.
+    # Always the conversation's owner (denormalized: a user's message list is one index range).
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        related_name="chat_messages",
+        db_index=False,  # served by message_owner_created_idx
+    )
     conversation = models.ForeignKey(
-        Conversation, on_delete=models.CASCADE, related_name="messages", db_index=False
+        Conversation,
+        on_delete=models.CASCADE,
+        related_name="messages",
+        db_index=False,  # served by message_conversation_idx (conversation, id)
     )
     prompt_message = models.TextField()
     response = models.TextField(blank=True, default="")
+    refusal = models.TextField(blank=True, default="")
     created_at = models.DateTimeField(default=timezone.now)
+    # Also the generation's heartbeat: its process touches it while the reply is generated.
     updated_at = models.DateTimeField(auto_now=True)
     completed_at = models.DateTimeField(null=True, blank=True)
 
     status = models.CharField(
         max_length=16, choices=MessageStatus.choices, default=MessageStatus.PENDING
     )
+    # Set by a stop request; the process running the generation stops it.
+    cancel_requested = models.BooleanField(default=False)
     model = models.CharField(max_length=100)
     temperature = models.FloatField(null=True, blank=True)
     max_tokens = models.PositiveIntegerField(null=True, blank=True)
     finish_reason = models.CharField(max_length=32, blank=True, default="")
     prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
     completion_tokens = models.PositiveIntegerField(null=True, blank=True)
+    # What the current reply was charged, in 1e-12 USD (billing.money); null until charged.
+    cost = models.BigIntegerField(null=True, blank=True)
     latency_ms = models.PositiveIntegerField(
         null=True, blank=True, help_text="Time spent waiting on the upstream API."
     )
@@ -81,15 +108,16 @@ class Message(models.Model):
     class Meta:
         ordering = ["created_at", "id"]
         indexes = [
+            models.Index(fields=["owner", "created_at", "id"], name="message_owner_created_idx"),
             models.Index(fields=["created_at", "id"], name="message_created_idx"),
             models.Index(fields=["status", "updated_at"], name="message_status_idx"),
             models.Index(fields=["conversation", "id"], name="message_conversation_idx"),
         ]
         constraints = [
             models.UniqueConstraint(
-                fields=["idempotency_key"],
+                fields=["owner", "idempotency_key"],
                 condition=models.Q(idempotency_key__isnull=False),
-                name="message_unique_idempotency_key",
+                name="message_unique_owner_idempotency_key",
             )
         ]
 

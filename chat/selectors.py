@@ -1,12 +1,20 @@
-"""Reads. Views and services get data through here, never by building querysets inline."""
+"""Reads. Views and services get data through here, never by building querysets inline.
+
+Every read of a user's data takes the user (`owner`): another user's id is simply not found.
+"""
 
 from __future__ import annotations
 
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
 from django.db import DatabaseError, connection
 from django.db.models import F, Func, Q, QuerySet, TextField
 
 from chat.errors import DatabaseUnavailable, NotFound
 from chat.models import Conversation, Message
+
+# Shortest term a PostgreSQL trigram index serves (migration 0005).
+TRIGRAM_LENGTH = 3
 
 
 class Casefold(Func):
@@ -17,10 +25,29 @@ class Casefold(Func):
     output_field = TextField()
 
 
+def _newest(queryset: QuerySet[Message], limit: int) -> QuerySet[Message]:
+    """`queryset` cut to its `limit` newest messages (by id, which follows creation)."""
+    if not limit:
+        return queryset
+    newest_ids = queryset.order_by("-id").values("id")[:limit]
+    return queryset.filter(id__in=newest_ids)
+
+
 def _text_search(queryset: QuerySet[Message], term: str) -> QuerySet[Message]:
+    """Case-insensitive search over prompts and replies (Unicode-aware).
+
+    Where an index serves the term (PostgreSQL: full-text, and trigram for 3+ characters) every
+    message in scope is searched; elsewhere the search scans the CHAT_SEARCH_SCAN_LIMIT newest
+    messages in scope, so its cost is bounded whatever the history's size.
+    """
+    limit = settings.CHAT_SEARCH_SCAN_LIMIT
     if connection.vendor == "postgresql":
         from django.contrib.postgres.search import SearchQuery, SearchVector
 
+        if len(term) < TRIGRAM_LENGTH:
+            queryset = _newest(queryset, limit)
+        # The same expressions as the indexes of migration 0005, so the planner uses them.
+        # `icontains` compiles to UPPER(column::text) LIKE UPPER(...), as the trigram indexes.
         vector = SearchVector("prompt_message", "response", config="simple")
         query = SearchQuery(term, search_type="websearch", config="simple")
         return queryset.annotate(search_document=vector).filter(
@@ -28,6 +55,7 @@ def _text_search(queryset: QuerySet[Message], term: str) -> QuerySet[Message]:
             | Q(prompt_message__icontains=term)
             | Q(response__icontains=term)
         )
+    queryset = _newest(queryset, limit)
     if connection.vendor == "sqlite":
         folded = term.casefold()
         return queryset.annotate(
@@ -37,41 +65,52 @@ def _text_search(queryset: QuerySet[Message], term: str) -> QuerySet[Message]:
 
 
 def message_list(
-    *, search: str | None = None, conversation_id: int | None = None
+    *, owner: AbstractBaseUser, search: str | None = None, conversation_id: int | None = None
 ) -> QuerySet[Message]:
-    """Messages oldest first, in a stable order (served by `message_created_idx`, or
-    `message_conversation_idx` for one conversation)."""
+    """The owner's messages oldest first, in a stable order (served by
+    `message_owner_created_idx`, or `message_conversation_idx` for one conversation)."""
     if conversation_id is not None:
-        queryset = Message.objects.filter(conversation_id=conversation_id).order_by("id")
+        queryset = Message.objects.filter(owner=owner, conversation_id=conversation_id).order_by(
+            "id"
+        )
     else:
-        queryset = Message.objects.order_by("created_at", "id")
+        queryset = Message.objects.filter(owner=owner).order_by("created_at", "id")
     if search:
         queryset = _text_search(queryset, search)
     return queryset
 
 
-def message_get(*, message_id: int, for_update: bool = False) -> Message:
+def message_get(*, owner: AbstractBaseUser, message_id: int, for_update: bool = False) -> Message:
     queryset = Message.objects.select_for_update() if for_update else Message.objects
     try:
-        return queryset.get(pk=message_id)
+        return queryset.get(pk=message_id, owner=owner)
     except Message.DoesNotExist:
         raise NotFound(f"Message {message_id} does not exist.") from None
 
 
-def conversation_list() -> QuerySet[Conversation]:
-    """Newest activity first (served by `conversation_activity_idx`)."""
-    return Conversation.objects.order_by("-updated_at", "-id")
+def message_state(*, message_id: int) -> Message | None:
+    """A message as stored now, whoever owns it (for following a generation already
+    authorized by its owner's request), or None once it is gone."""
+    return Message.objects.filter(pk=message_id).first()
 
 
-def conversation_get(*, conversation_id: int) -> Conversation:
+def conversation_list(*, owner: AbstractBaseUser) -> QuerySet[Conversation]:
+    """Newest activity first (served by `conversation_owner_idx`)."""
+    return Conversation.objects.filter(owner=owner).order_by("-updated_at", "-id")
+
+
+def conversation_get(
+    *, owner: AbstractBaseUser, conversation_id: int, for_update: bool = False
+) -> Conversation:
+    queryset = Conversation.objects.select_for_update() if for_update else Conversation.objects
     try:
-        return Conversation.objects.get(pk=conversation_id)
+        return queryset.get(pk=conversation_id, owner=owner)
     except Conversation.DoesNotExist:
         raise NotFound(f"Conversation {conversation_id} does not exist.") from None
 
 
-def conversation_messages(*, conversation_id: int) -> list[Message]:
-    return list(Message.objects.filter(conversation_id=conversation_id).order_by("id"))
+def conversation_messages(*, owner: AbstractBaseUser, conversation_id: int) -> list[Message]:
+    return list(Message.objects.filter(owner=owner, conversation_id=conversation_id).order_by("id"))
 
 
 def database_ping() -> None:

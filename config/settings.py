@@ -1,32 +1,57 @@
 """Settings for the chat service, all read from the environment (and `.env`) here and only here.
 
 Every knob is documented in README.md ("Configuration"); `.env.example` lists them with defaults.
+Production settings fail fast: a missing secret or an unsafe combination stops the process at
+startup instead of surfacing later.
 """
 
+import secrets
 from pathlib import Path
 
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = BASE_DIR / "var"
 
 env = environ.Env()
 environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
 
+
+def _local_secret_key() -> str:
+    """A random key generated on first run into a git-ignored file, so that the quick start
+    never runs on a public constant. Production sets DJANGO_SECRET_KEY instead."""
+    path = VAR_DIR / "secret_key"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    VAR_DIR.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(50)
+    try:
+        # O_EXCL: two processes starting at once agree on the first one's key.
+        with path.open("x") as handle:
+            handle.write(key)
+        path.chmod(0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    return key
+
+
 # --- Core -------------------------------------------------------------------------------------
 DEBUG = env.bool("DJANGO_DEBUG", default=False)
-# The fallback only exists so that `make run` works on a fresh clone; production must set one.
-_INSECURE_DEV_SECRET = "insecure-local-development-secret-do-not-use-in-production"
-SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="") or _INSECURE_DEV_SECRET
 ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
 
 # Served over HTTPS (production): secure cookies, HTTPS redirect, HSTS. Off for the local
 # quick start on plain http://127.0.0.1. With it on, `manage.py check --deploy` is clean.
 HTTPS = env.bool("DJANGO_HTTPS", default=False)
-if HTTPS:
-    if SECRET_KEY == _INSECURE_DEV_SECRET:
+SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="")
+if not SECRET_KEY:
+    if HTTPS:
         raise ImproperlyConfigured("DJANGO_HTTPS is on: set DJANGO_SECRET_KEY to a real secret.")
+    SECRET_KEY = _local_secret_key()
+if HTTPS:
     SECURE_SSL_REDIRECT = env.bool("DJANGO_SECURE_SSL_REDIRECT", default=True)
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
@@ -46,16 +71,20 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    "rest_framework.authtoken",
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "chat",
+    "billing",
     "web",
 ]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
-    # Serves the admin's and Swagger UI's static files from the app server itself.
-    "whitenoise.middleware.WhiteNoiseMiddleware",
+    # Serves the static files (admin, Swagger UI, the chat page) from the app server itself;
+    # ServeStatic is WhiteNoise's async-native fork (WhiteNoise's sync-only middleware would
+    # move every request's middleware chain to a thread and back).
+    "servestatic.middleware.ServeStaticMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -63,14 +92,6 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
-
-# /api/ is served by a second handler (config.asgi) with only these, run inline on the event loop;
-# the admin and the docs pages get the full MIDDLEWARE above.
-API_MIDDLEWARE = [
-    "config.middleware.SecurityMiddleware",
-    "config.middleware.CommonMiddleware",
-]
-API_PATH_PREFIX = "/api/"
 
 ROOT_URLCONF = "config.urls"
 ASGI_APPLICATION = "config.asgi.application"
@@ -92,36 +113,41 @@ TEMPLATES = [
 ]
 
 # --- Database ---------------------------------------------------------------------------------
+# Connections: the async API runs its ORM work on DATABASE_THREADS long-lived threads
+# (chat/db.py), each holding one connection for the life of the process. Everything else (admin,
+# docs, management commands) follows Django's own per-request handling: CONN_MAX_AGE=0, as
+# Django advises under ASGI, so a request's connection is closed (or, on PostgreSQL, returned to
+# the pool) when the request ends. Connections per process are therefore bounded.
 DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
-if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+DATABASE_THREADS = env.int("DATABASE_THREADS", default=4)
+_database = DATABASES["default"]
+_database["CONN_MAX_AGE"] = 0
+if _database["ENGINE"] == "django.db.backends.sqlite3":
     # Many concurrent writers on the embedded default: WAL lets readers run beside the writer,
-    # IMMEDIATE takes the write lock at BEGIN (no deadlocking lock upgrades), and the busy
-    # timeout makes a writer wait for the lock instead of failing with "database is locked".
-    DATABASES["default"].setdefault("OPTIONS", {}).update(
+    # IMMEDIATE takes the write lock at BEGIN (no deadlocking lock upgrades, and transactions
+    # that check-then-write are serialized), and the busy timeout makes a writer wait for the
+    # lock instead of failing with "database is locked".
+    _database.setdefault("OPTIONS", {}).update(
         {
             "transaction_mode": "IMMEDIATE",
             "timeout": env.float("SQLITE_BUSY_TIMEOUT", default=30.0),
             "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
         }
     )
-    # Connections live in the few database threads (chat.db) for the life of the process.
-    DATABASES["default"]["CONN_MAX_AGE"] = None
-    DATABASES["default"]["TEST"] = {"NAME": str(BASE_DIR / "var" / "test-db.sqlite3")}
-else:
-    DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DATABASE_CONN_MAX_AGE", default=60))
-    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    _database["TEST"] = {"NAME": str(VAR_DIR / "test-db.sqlite3")}
+elif _database["ENGINE"] == "django.db.backends.postgresql":
+    # psycopg 3's pool: the database threads hold DATABASE_THREADS connections, requests of the
+    # admin and docs borrow the rest. A request that finds the pool empty waits POOL_TIMEOUT.
+    _database.setdefault("OPTIONS", {})["pool"] = {
+        "min_size": env.int("DATABASE_POOL_MIN_SIZE", default=2),
+        "max_size": env.int("DATABASE_POOL_MAX_SIZE", default=DATABASE_THREADS + 8),
+        "timeout": env.float("DATABASE_POOL_TIMEOUT", default=10.0),
+    }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
-# Threads that run ORM work for the async chat path (each keeps one database connection).
-DATABASE_THREADS = env.int("DATABASE_THREADS", default=4)
-# SQLite only: the chat's two short writes are tried on the event loop itself (chat.db.write).
-DATABASE_INLINE_WRITES = env.bool("DATABASE_INLINE_WRITES", default=True)
-# Seconds between GIL hand-overs (Python's default is 0.005); see config/asgi.py.
-GIL_SWITCH_INTERVAL = env.float("GIL_SWITCH_INTERVAL", default=0.0005)
-# Allocations between collections of the youngest GC generation (Python's default: 700; 0 keeps
-# it); see config/asgi.py.
-GC_GEN0_THRESHOLD = env.int("GC_GEN0_THRESHOLD", default=10000)
 
-# --- Cache ------------------------------------------------------------------------------------
+# --- Shared state (Redis, optional) -----------------------------------------------------------
+# With REDIS_URL: the cache, rate-limit counters and live generation events are shared by every
+# process on every host. Without it: the database carries what must be shared.
 REDIS_URL = env.str("REDIS_URL", default="")
 if REDIS_URL:
     CACHES = {
@@ -140,31 +166,31 @@ TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "var" / "static"
+STATIC_ROOT = VAR_DIR / "static"
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
-    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+    "staticfiles": {"BACKEND": "servestatic.storage.CompressedStaticFilesStorage"},
 }
-# Tests and a fresh checkout run without collectstatic; WhiteNoise then finds files in the apps.
-WHITENOISE_USE_FINDERS = env.bool("WHITENOISE_USE_FINDERS", default=DEBUG)
+# Tests and a fresh checkout run without collectstatic: static files are then found in the apps.
+SERVESTATIC_USE_FINDERS = env.bool("SERVESTATIC_USE_FINDERS", default=DEBUG)
 
 # --- OpenAI -----------------------------------------------------------------------------------
 OPENAI_API_KEY = env.str("OPENAI_API_KEY", default="")
 OPENAI_BASE_URL = env.str("OPENAI_BASE_URL", default="") or None
 OPENAI_MODEL = env.str("OPENAI_MODEL", default="gpt-3.5-turbo")
-# Bounds the whole upstream call, the SDK's own retries included.
+# Bounds the whole upstream call, retries included (for streams: the wait for the first chunk
+# and every gap between chunks).
 OPENAI_TIMEOUT = env.float("OPENAI_TIMEOUT", default=30.0)
 OPENAI_MAX_RETRIES = env.int("OPENAI_MAX_RETRIES", default=2)
-# Upstream connections the service may hold open at once (per server process).
-OPENAI_MAX_CONNECTIONS = env.int("OPENAI_MAX_CONNECTIONS", default=2000)
-# HTTP transport under the SDK: "httptools" (chat/http_transport.py; the least CPU, see
-# BENCHMARKS.md), "aiohttp" (the SDK's adapter) or "httpx" (its default, which honours proxies).
-OPENAI_HTTP_BACKEND = env.str("OPENAI_HTTP_BACKEND", default="httptools")
-if OPENAI_HTTP_BACKEND not in ("httptools", "aiohttp", "httpx"):
+# Upstream connections one server process may hold open at once.
+OPENAI_MAX_CONNECTIONS = env.int("OPENAI_MAX_CONNECTIONS", default=1000)
+# The SDK's HTTP client: "aiohttp" (its DefaultAioHttpClient: less CPU per call, BENCHMARKS.md)
+# or "httpx" (its default client). Both honour HTTPS_PROXY / NO_PROXY.
+OPENAI_HTTP_CLIENT = env.str("OPENAI_HTTP_CLIENT", default="aiohttp")
+if OPENAI_HTTP_CLIENT not in ("aiohttp", "httpx"):
     raise ImproperlyConfigured(
-        f"OPENAI_HTTP_BACKEND must be httptools, aiohttp or httpx, not {OPENAI_HTTP_BACKEND!r}."
+        f"OPENAI_HTTP_CLIENT must be aiohttp or httpx, not {OPENAI_HTTP_CLIENT!r}."
     )
-
 # Models a request (or a conversation) may choose; the default model is always allowed.
 OPENAI_ALLOWED_MODELS = sorted(
     set(env.list("OPENAI_ALLOWED_MODELS", default=["gpt-3.5-turbo", "gpt-4o-mini", "gpt-4o"]))
@@ -173,7 +199,8 @@ OPENAI_ALLOWED_MODELS = sorted(
 
 # --- Chat behaviour ---------------------------------------------------------------------------
 CHAT_MAX_PROMPT_CHARS = env.int("CHAT_MAX_PROMPT_CHARS", default=32000)
-# Upper bound for a request's `max_tokens` (the reply length a client may ask for).
+# The longest reply, in tokens. Sent upstream as `max_tokens` when a request sets none, so that
+# a reply's cost is bounded by what its budget reservation covers.
 CHAT_MAX_COMPLETION_TOKENS = env.int("CHAT_MAX_COMPLETION_TOKENS", default=4096)
 # Tokens of context (system prompt + earlier turns + new prompt) sent per request; older turns
 # are dropped first. Per-model overrides: CHAT_CONTEXT_TOKEN_BUDGETS=gpt-4o=32000,gpt-4o-mini=16000
@@ -183,35 +210,64 @@ CHAT_CONTEXT_TOKEN_BUDGETS = {
     for model, budget in env.dict("CHAT_CONTEXT_TOKEN_BUDGETS", default={}).items()
 }
 # Conversation titles are cut from the first prompt; with this on, the model writes them
-# (one extra, short model call per new conversation).
+# (one extra, short model call per new conversation, charged to its user).
 CHAT_TITLE_FROM_MODEL = env.bool("CHAT_TITLE_FROM_MODEL", default=False)
 # A streaming reply's partial text is written to the database at most this often (seconds).
 CHAT_STREAM_SAVE_INTERVAL = env.float("CHAT_STREAM_SAVE_INTERVAL", default=1.0)
 # A comment line is sent on an event stream that has been quiet this long (seconds).
 CHAT_SSE_KEEPALIVE_SECONDS = env.float("CHAT_SSE_KEEPALIVE_SECONDS", default=15.0)
-# At startup, generations not updated for this long are marked interrupted (their process died).
-CHAT_STALE_GENERATION_SECONDS = env.float("CHAT_STALE_GENERATION_SECONDS", default=300.0)
+# Every process marks its generations alive this often; a generation not marked for
+# CHAT_GENERATION_DEAD_AFTER seconds (its process died, on any host) is stored as interrupted
+# by whichever process notices first.
+CHAT_GENERATION_DEAD_AFTER = env.float("CHAT_GENERATION_DEAD_AFTER", default=30.0)
+CHAT_HEARTBEAT_INTERVAL = env.float(
+    "CHAT_HEARTBEAT_INTERVAL", default=max(0.05, CHAT_GENERATION_DEAD_AFTER / 3)
+)
+if CHAT_HEARTBEAT_INTERVAL * 2 > CHAT_GENERATION_DEAD_AFTER:
+    raise ImproperlyConfigured(
+        "CHAT_HEARTBEAT_INTERVAL must be at most half of CHAT_GENERATION_DEAD_AFTER."
+    )
+# How often a process looks for stop requests made on another process (without Redis).
+CHAT_CANCEL_POLL_INTERVAL = env.float("CHAT_CANCEL_POLL_INTERVAL", default=1.0)
+# `?search=`: the longest term, and how many of the newest messages in scope a search scans
+# where no index serves it (SQLite always; PostgreSQL for terms under 3 characters). 0: all.
+CHAT_SEARCH_MAX_LENGTH = env.int("CHAT_SEARCH_MAX_LENGTH", default=200)
+CHAT_SEARCH_SCAN_LIMIT = env.int("CHAT_SEARCH_SCAN_LIMIT", default=10000)
+
+# --- Users --------------------------------------------------------------------------------------
+# On: requests without credentials act as one shared user (CHAT_ANONYMOUS_USERNAME), throttled
+# per client IP, so that the original contract works with no credentials (the local quick
+# start). Off: every API endpoint but /healthz and /readyz answers 401 without credentials.
+# Production settings (DJANGO_HTTPS) refuse it unless it is set explicitly.
+CHAT_ALLOW_ANONYMOUS = env.bool("CHAT_ALLOW_ANONYMOUS", default=not HTTPS)
+CHAT_ANONYMOUS_USERNAME = env.str("CHAT_ANONYMOUS_USERNAME", default="anonymous")
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "/"
+LOGOUT_REDIRECT_URL = "login"
 
 # --- Web chat page (web/) ---------------------------------------------------------------------
-# The browser chat page at `/`, a client of the API above; off: `/` answers the JSON 404.
+# The browser chat page at `/` (with /login/ and /logout/, LOGIN_URL above), a client of the
+# API; off: they answer the JSON 404.
 CHAT_WEB_UI = env.bool("CHAT_WEB_UI", default=True)
-LOGIN_URL = "web:login"
-LOGIN_REDIRECT_URL = "/"
-LOGOUT_REDIRECT_URL = "/"
 
 # --- REST framework / OpenAPI -----------------------------------------------------------------
 REST_FRAMEWORK = {
-    "DEFAULT_AUTHENTICATION_CLASSES": [],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.AllowAny"],
-    "UNAUTHENTICATED_USER": None,
-    "DEFAULT_PARSER_CLASSES": ["chat.api.parsers.JSONParser"],
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "chat.api.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["chat.api.authentication.IsUserOrAnonymousAllowed"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PAGINATION_CLASS": "chat.api.pagination.MessagePagination",
+    "DEFAULT_PAGINATION_CLASS": "chat.api.pagination.PageNumberPagination",
     "PAGE_SIZE": 20,
     "EXCEPTION_HANDLER": "chat.api.errors.exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     # `?format=` belongs to the export endpoint (json|markdown), not to renderer selection.
     "URL_FORMAT_OVERRIDE": None,
+    # Proxies in front of the service whose X-Forwarded-For is trusted for the client IP
+    # (anonymous rate limits); 0 trusts none and uses the peer address.
+    "NUM_PROXIES": env.int("CHAT_TRUSTED_PROXIES", default=0),
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "Chat API",
@@ -221,7 +277,7 @@ SPECTACULAR_SETTINGS = {
         "`timestamp`). Every error response has the shape "
         '`{"error": {"status", "code", "message", ...}}`.'
     ),
-    "VERSION": "1.0.0",
+    "VERSION": "2.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
     # Swagger UI's assets are served by this service (no CDN): the docs work offline.
     "SWAGGER_UI_DIST": "SIDECAR",
@@ -238,10 +294,66 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
-    # The SDK's and httpx's debug logs can include request headers; keep them quiet.
+    # The SDK's and its HTTP clients' debug logs can include request headers; keep them quiet.
     "loggers": {
         "openai": {"level": "WARNING"},
         "httpx2": {"level": "WARNING"},
         "httpcore2": {"level": "WARNING"},
+        "httpx": {"level": "WARNING"},
     },
 }
+
+# --- Billing: prices, budgets, rate limits ----------------------------------------------------
+# Parsed here so that a bad value stops the service at startup. billing.money/prices/periods/
+# rates import nothing from Django's app registry.
+from billing import money as _money  # noqa: E402
+from billing.periods import PERIODS as _BUDGET_PERIODS  # noqa: E402
+from billing.prices import parse_model_prices as _parse_model_prices  # noqa: E402
+from billing.rates import parse_rate as _parse_rate  # noqa: E402
+
+# USD per million input:output tokens, merged over OpenAI's list prices for the default models
+# (billing.prices.DEFAULT_PRICES), e.g. CHAT_MODEL_PRICES=gpt-4o=2.50:10.00,llama3=0:0. Every
+# allowed model needs a price. Parsed into {model: billing.prices.ModelPrice}.
+CHAT_MODEL_PRICES = _parse_model_prices(
+    env.str("CHAT_MODEL_PRICES", default=""), allowed_models=OPENAI_ALLOWED_MODELS
+)
+# Default budget of each user per period, in USD (accounts may override it); empty: unlimited.
+_budget = env.str("CHAT_USER_BUDGET_USD", default="").strip()
+try:
+    CHAT_USER_BUDGET_USD = (
+        _money.parse_usd(_budget, variable="CHAT_USER_BUDGET_USD") if _budget else None
+    )
+except ValueError as _exc:
+    raise ImproperlyConfigured(f"{_exc} (a budget in USD, or empty for unlimited).") from None
+# Budgets are per calendar day, week (from Monday) or month, in UTC.
+CHAT_USER_BUDGET_PERIOD = env.str("CHAT_USER_BUDGET_PERIOD", default="month").strip().lower()
+if CHAT_USER_BUDGET_PERIOD not in _BUDGET_PERIODS:
+    raise ImproperlyConfigured(
+        f"CHAT_USER_BUDGET_PERIOD must be day, week or month, not {CHAT_USER_BUDGET_PERIOD!r}."
+    )
+# Requests per user / per anonymous client IP, in DRF's format (30/min, 100/hour, 1000/day);
+# empty: no limit. Shared by all server processes (Redis with REDIS_URL, else the database).
+CHAT_THROTTLE_USER = env.str("CHAT_THROTTLE_USER", default="").strip()
+CHAT_THROTTLE_ANON = env.str("CHAT_THROTTLE_ANON", default="30/min").strip()
+for _name, _rate in (
+    ("CHAT_THROTTLE_USER", CHAT_THROTTLE_USER),
+    ("CHAT_THROTTLE_ANON", CHAT_THROTTLE_ANON),
+):
+    try:
+        _parse_rate(_rate)
+    except ValueError as _exc:
+        raise ImproperlyConfigured(f"{_name}: {_exc}.") from None
+try:
+    # Replies one user may have generating at once (0: no cap).
+    CHAT_MAX_CONCURRENT_PER_USER = env.int("CHAT_MAX_CONCURRENT_PER_USER", default=4)
+    # Seconds a generation's budget reservation lives unless its process's heartbeat extends
+    # it (so a killed process's reservations stop counting after this).
+    CHAT_RESERVATION_TTL_SECONDS = env.float(
+        "CHAT_RESERVATION_TTL_SECONDS", default=OPENAI_TIMEOUT + 30
+    )
+except ValueError as _exc:
+    raise ImproperlyConfigured(f"Billing settings: {_exc}.") from None
+if CHAT_MAX_CONCURRENT_PER_USER < 0:
+    raise ImproperlyConfigured("CHAT_MAX_CONCURRENT_PER_USER must be 0 (no cap) or more.")
+if not CHAT_RESERVATION_TTL_SECONDS > 0:
+    raise ImproperlyConfigured("CHAT_RESERVATION_TTL_SECONDS must be more than 0.")

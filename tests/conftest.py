@@ -1,14 +1,19 @@
 """Shared fixtures. The only thing faked is the outside world: the OpenAI API, by a real HTTP
-server on 127.0.0.1 (tests/fake_openai.py) that the service reaches through OPENAI_BASE_URL."""
+server on 127.0.0.1 (tests/fake_openai.py) that the service reaches through OPENAI_BASE_URL.
+
+API tests go through the ASGI application that ships (`config.asgi.application`), with its
+real middleware, over httpx's ASGI transport (`api`); tests/e2e runs it under uvicorn.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.fake_openai import FakeOpenAI
@@ -31,6 +36,16 @@ def _close_database_threads(django_db_setup, django_db_blocker) -> Iterator[None
     SyncToAsync.single_thread_executor.submit(connections.close_all).result()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_anonymous_user() -> Iterator[None]:
+    """Tests empty the database between them: forget the cached anonymous user."""
+    from chat.services import users
+
+    users.forget_anonymous_user()
+    yield
+    users.forget_anonymous_user()
+
+
 @pytest.fixture(scope="session")
 def fake_openai_server() -> Iterator[FakeOpenAI]:
     with FakeOpenAI() as server:
@@ -50,10 +65,10 @@ def fake_openai(fake_openai_server: FakeOpenAI, settings) -> Iterator[FakeOpenAI
     fake_openai_server.reset()
 
 
-@pytest.fixture(params=["httptools", "aiohttp", "httpx"])
-def http_backend(request, settings) -> str:
-    """Runs a test once per HTTP transport the SDK can be given (OPENAI_HTTP_BACKEND)."""
-    settings.OPENAI_HTTP_BACKEND = request.param
+@pytest.fixture(params=["aiohttp", "httpx"])
+def http_client(request, settings) -> str:
+    """Runs a test once per HTTP client the SDK can be given (OPENAI_HTTP_CLIENT)."""
+    settings.OPENAI_HTTP_CLIENT = request.param
     return request.param
 
 
@@ -61,13 +76,32 @@ def http_backend(request, settings) -> str:
 async def _drain_generations() -> Any:
     """Let generations started by a test finish inside its event loop."""
     yield
-    from chat import llm, streams
+    from chat import generations, llm
 
-    tasks = [g.task for g in streams.in_flight() if g.task is not None]
+    tasks = generations.pending_tasks()
     if tasks:
         await asyncio.wait(tasks, timeout=10)
     # Each test has its own event loop, hence its own client: close its connections.
     await llm.close_client()
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client of the shipped ASGI application (no credentials: anonymous use)."""
+    from config.asgi import application
+
+    transport = httpx.ASGITransport(app=application, client=("127.0.0.1", 40000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+        yield client
+
+
+def authenticated(client: httpx.AsyncClient, token: str) -> httpx.AsyncClient:
+    """Another client of the same application, sending `Authorization: Token <token>`."""
+    return httpx.AsyncClient(
+        transport=client._transport,
+        base_url=client.base_url,
+        headers={"Authorization": f"Token {token}"},
+    )
 
 
 @dataclass
@@ -90,6 +124,24 @@ def parse_sse(body: str) -> list[SSEEvent]:
     return events
 
 
-async def read_streaming(response) -> str:
-    chunks = [chunk async for chunk in response.streaming_content]
-    return b"".join(c if isinstance(c, bytes) else c.encode() for c in chunks).decode()
+def error_of(response: httpx.Response) -> dict:
+    """The body of an error response, checked against the one error shape."""
+    assert response.headers["content-type"].startswith("application/json"), response.headers
+    body = response.json()
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert error["status"] == response.status_code
+    assert isinstance(error["code"], str) and error["code"]
+    assert isinstance(error["message"], str) and error["message"]
+    return error
+
+
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture
+def anonymous(transactional_db):
+    """The shared user that requests without credentials act as."""
+    from chat.services import users
+
+    return users.anonymous_user()

@@ -4,17 +4,29 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.contrib.auth import get_user_model
+
 from chat.models import Conversation, Message
+from chat.services import users
+
+
+def make_user(username: str, **fields: Any):
+    return get_user_model().objects.create_user(username=username, **fields)
 
 
 def make_conversation(**fields: Any) -> Conversation:
+    fields.setdefault("owner", users.anonymous_user())
     return Conversation.objects.create(**fields)
 
 
 def make_message(conversation: Conversation | None = None, **fields: Any) -> Message:
+    conversation = conversation or make_conversation(
+        **({"owner": fields["owner"]} if "owner" in fields else {})
+    )
+    fields.setdefault("owner", conversation.owner)
     fields.setdefault("prompt_message", "a prompt")
     fields.setdefault("model", "gpt-3.5-turbo")
-    return Message.objects.create(conversation=conversation or make_conversation(), **fields)
+    return Message.objects.create(conversation=conversation, **fields)
 
 
 async def amake_message(conversation: Conversation | None = None, **fields: Any) -> Message:

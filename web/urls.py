@@ -2,8 +2,6 @@ from django.urls import path
 
 from web import views
 
-app_name = "web"
-
 urlpatterns = [
     path("", views.chat_page, name="chat"),
     path("login/", views.login_view, name="login"),

@@ -39,6 +39,7 @@ CONTENT_SECURITY_POLICY = "; ".join(
 )
 
 View = Callable[..., HttpResponseBase]
+API_ROOT = "/api/"  # where config/urls.py mounts chat.api.urls
 
 
 def web_page(view: View) -> View:
@@ -58,7 +59,7 @@ def web_page(view: View) -> View:
 
 def anonymous_allowed() -> bool:
     """Whether the API serves requests without a logged-in user (CHAT_ALLOW_ANONYMOUS)."""
-    return getattr(settings, "CHAT_ALLOW_ANONYMOUS", True)
+    return bool(settings.CHAT_ALLOW_ANONYMOUS)
 
 
 def _page_config(request: HttpRequest) -> dict[str, Any]:
@@ -66,7 +67,7 @@ def _page_config(request: HttpRequest) -> dict[str, Any]:
     user = request.user
     authenticated = bool(user.is_authenticated)
     return {
-        "apiRoot": settings.API_PATH_PREFIX,
+        "apiRoot": API_ROOT,
         "user": {
             "username": user.get_username() if authenticated else "",
             "authenticated": authenticated,
@@ -88,7 +89,7 @@ def chat_page(request: HttpRequest) -> HttpResponseBase:
         return redirect_to_login(request.get_full_path(), resolve_url(settings.LOGIN_URL))
     context = {
         "config": _page_config(request),
-        "logout_url": reverse("web:logout"),
+        "logout_url": reverse("logout"),
         "anonymous_allowed": anonymous_allowed(),
     }
     return render(request, "web/chat.html", context)

@@ -1,54 +1,65 @@
-"""An async APIView: DRF's request parsing, negotiation, permissions and exception handling,
-with `async def` handlers awaited on the event loop and plain `def` handlers (DRF generics,
-anything that uses the ORM) run on the database threads of `chat.db`, so every view of the API
-holds no thread while it waits and shares the same few database connections.
+"""The base of the API's views: DRF's APIView, dispatched as a coroutine.
 
-Why not adrf: its dispatch runs DRF's `initial()` through `sync_to_async`, a hop to a
-per-request thread on every call; removing such hops took the server's CPU per chat from 14 to
-8.7 ms (BENCHMARKS.md). Nothing in `initial()` does I/O here (no authenticator or throttle
-touches the database yet), so it runs inline; when one does, it moves to `chat.db.run`.
+Why not adrf: its dispatch runs DRF's `initial()` (authentication, permissions, throttles)
+through `sync_to_async`, i.e. on the request's own thread, which opens a database connection
+per request. Here everything that may touch the database runs on the bounded threads of
+`chat.db`:
+
+- `initial()` — token and session lookups — and plain `def` handlers run there (one hop);
+- `async def` handlers are awaited on the event loop (they call `chat.db.run` themselves).
+
+The rest is DRF's own: request parsing, content negotiation, the exception handler
+(`chat.api.errors`), response finalization.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
-from django.http import HttpRequest, HttpResponse, HttpResponseBase
-from rest_framework.negotiation import DefaultContentNegotiation
-from rest_framework.renderers import BaseRenderer, JSONRenderer
+from django.contrib.auth.models import AbstractBaseUser
+from django.http import HttpRequest, HttpResponseBase
+from rest_framework.renderers import JSONRenderer
+from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.views import APIView
+from rest_framework.throttling import BaseThrottle
+from rest_framework.views import APIView as DRFAPIView
 
 from chat import db
-
-# Accept headers that every JSON renderer satisfies as they stand.
-_ANY_JSON = frozenset(("", "*/*", "application/json"))
+from chat.services import users
 
 
-class ContentNegotiation(DefaultContentNegotiation):
-    """DRF's negotiation, with the answer for the Accept headers nearly every API client sends
-    (none, `*/*`, `application/json`) known without parsing them: a tenth of a millisecond per
-    request in DRF's media-type parsing."""
-
-    def select_renderer(
-        self, request: Any, renderers: list[BaseRenderer], format_suffix: str | None = None
-    ) -> tuple[BaseRenderer, str]:
-        accept = request.META.get("HTTP_ACCEPT", "")
-        first = renderers[0]
-        if (
-            accept in _ANY_JSON
-            and first.media_type == "application/json"
-            and not format_suffix
-            and not self.settings.URL_FORMAT_OVERRIDE
-        ):
-            return first, first.media_type
-        return super().select_renderer(request, renderers, format_suffix)
-
-
-class AsyncAPIView(APIView):
+class APIView(DRFAPIView):
     view_is_async = True  # dispatch is a coroutine whatever the handlers are
-    content_negotiation_class = ContentNegotiation
+    # Whether handlers act for a user (`self.owner`); off for the health probes.
+    acts_for_user = True
+
+    owner: AbstractBaseUser
+    # The client's address for anonymous requests (their rate limits), else None.
+    client_ip: str | None = None
+
+    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        super().initial(request, *args, **kwargs)
+        if not self.acts_for_user:
+            return
+        if request.user is not None and request.user.is_authenticated:
+            self.owner = request.user
+        else:  # let through by the permission: anonymous use is on
+            self.owner = users.anonymous_user()
+            self.client_ip = BaseThrottle().get_ident(request)
+
+    def _handler(self, request: Request) -> Callable[..., Any]:
+        method = request.method.lower()
+        if method in self.http_method_names:
+            return getattr(self, method, self.http_method_not_allowed)
+        return self.http_method_not_allowed
+
+    def _initial_then(
+        self, handler: Callable[..., Any], request: Request, *args: Any, **kwargs: Any
+    ) -> Any:
+        self.initial(request, *args, **kwargs)
+        return handler(request, *args, **kwargs)
 
     async def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
         self.args = args
@@ -57,31 +68,19 @@ class AsyncAPIView(APIView):
         self.request = request
         self.headers = self.default_response_headers
         try:
-            self.initial(request, *args, **kwargs)
-            method = request.method.lower()
-            handler = (
-                getattr(self, method, self.http_method_not_allowed)
-                if method in self.http_method_names
-                else self.http_method_not_allowed
-            )
+            handler = self._handler(request)
             if inspect.iscoroutinefunction(handler):
+                if self.authentication_classes or self.acts_for_user:
+                    await db.run(self.initial, request, *args, **kwargs)
+                else:
+                    self.initial(request, *args, **kwargs)
                 response = await handler(request, *args, **kwargs)
             else:
-                response = await db.run(handler, request, *args, **kwargs)
+                response = await db.run(self._initial_then, handler, request, *args, **kwargs)
         except Exception as exc:
             response = self.handle_exception(exc)
-        final = self.finalize_response(request, response, *args, **kwargs)
-        if isinstance(final, Response):
-            rendered = _rendered(final)
-            final.renderer_context = None
-        else:
-            rendered = final  # e.g. an event stream
-        # DRF ties the view, its request and its response to each other (parser and renderer
-        # contexts); untied, all three are freed by reference counting when the request ends
-        # instead of waiting, alive, for a garbage collection.
-        request.parser_context = None
-        self.request = self.response = None
-        return rendered
+        self.response = self.finalize_response(request, response, *args, **kwargs)
+        return self.response
 
     def finalize_response(self, request, response, *args, **kwargs):  # type: ignore[override]
         response = super().finalize_response(request, response, *args, **kwargs)
@@ -90,16 +89,3 @@ class AsyncAPIView(APIView):
             response.accepted_renderer = JSONRenderer()
             response.accepted_media_type = JSONRenderer.media_type
         return response
-
-
-def _rendered(response: Response) -> HttpResponse:
-    """Render here, on the event loop: Django renders a template-style response (a DRF Response
-    is one) through sync_to_async, a hop to a thread for a few microseconds of JSON encoding."""
-    response.render()
-    plain = HttpResponse(response.content, status=response.status_code)
-    if not response.has_header("Content-Type"):
-        del plain["Content-Type"]  # e.g. 204 No Content
-    for header, value in response.items():
-        plain[header] = value
-    plain.cookies = response.cookies
-    return plain

@@ -1,7 +1,9 @@
-from rest_framework.pagination import PageNumberPagination
+from rest_framework import pagination
 
 
-class MessagePagination(PageNumberPagination):
+class PageNumberPagination(pagination.PageNumberPagination):
+    """The contract's `{count, next, previous, results}` pages."""
+
     page_size = 20
     page_size_query_param = "page_size"
     max_page_size = 100

@@ -6,8 +6,8 @@ from typing import Any
 from django.conf import settings
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
-from rest_framework.utils.serializer_helpers import BindingDict
 
+from chat.api.converters import MAX_ID
 from chat.models import Conversation, Message
 
 
@@ -57,24 +57,6 @@ class StrictFloatField(serializers.FloatField):
         return super().to_internal_value(data)
 
 
-class SharedFieldsMixin:
-    """DRF deep-copies every declared field for every serializer instance: a quarter of a
-    millisecond per chat for the create serializer. These flat request serializers keep no
-    per-request state in their fields (no nested serializers, no context-dependent defaults),
-    so each class binds one set of fields, once, and reuses it."""
-
-    @property
-    def fields(self) -> BindingDict:
-        cls = type(self)
-        shared = cls.__dict__.get("_shared_fields")
-        if shared is None:
-            shared = BindingDict(self)
-            for name, field in self.get_fields().items():
-                shared[name] = field
-            cls._shared_fields = shared
-        return shared
-
-
 class GenerationSettingsMixin(serializers.Serializer):
     """`model`, `temperature`, `max_tokens`, checked against the server's allow-list/ranges."""
 
@@ -112,7 +94,7 @@ class GenerationSettingsMixin(serializers.Serializer):
         return value
 
 
-class MessageCreateSerializer(SharedFieldsMixin, GenerationSettingsMixin, serializers.Serializer):
+class MessageCreateSerializer(GenerationSettingsMixin, serializers.Serializer):
     prompt_message = StrictCharField(
         trim_whitespace=False,
         help_text="The text to send to the model: a non-blank JSON string, at most "
@@ -127,6 +109,7 @@ class MessageCreateSerializer(SharedFieldsMixin, GenerationSettingsMixin, serial
         required=False,
         allow_null=True,
         min_value=1,
+        max_value=MAX_ID,
         help_text="Continue this conversation (its earlier turns are sent as context). "
         "Without it a new conversation is started; its id comes back as `conversation`.",
     )
@@ -156,6 +139,9 @@ class MessageErrorSerializer(serializers.Serializer):
 class MessageSerializer(serializers.ModelSerializer):
     """A stored exchange. The first four fields are the original contract's."""
 
+    refusal = serializers.SerializerMethodField(
+        help_text="The model's explanation when it declined to answer (status `refused`).",
+    )
     usage = serializers.SerializerMethodField()
     error = serializers.SerializerMethodField()
 
@@ -168,6 +154,7 @@ class MessageSerializer(serializers.ModelSerializer):
             "created_at",
             "conversation",
             "status",
+            "refusal",
             "model",
             "temperature",
             "max_tokens",
@@ -192,6 +179,7 @@ class MessageSerializer(serializers.ModelSerializer):
             "created_at": _iso(message.created_at),
             "conversation": message.conversation_id,
             "status": message.status,
+            "refusal": self.get_refusal(message),
             "model": message.model,
             "temperature": message.temperature,
             "max_tokens": message.max_tokens,
@@ -203,6 +191,10 @@ class MessageSerializer(serializers.ModelSerializer):
             "context_message_ids": message.context_message_ids,
             "previous_replies": message.previous_replies,
         }
+
+    @extend_schema_field(serializers.CharField(allow_null=True))
+    def get_refusal(self, message: Message) -> str | None:
+        return message.refusal or None
 
     @extend_schema_field(UsageSerializer)
     def get_usage(self, message: Message) -> dict[str, int | None]:
@@ -228,7 +220,7 @@ class PaginatedMessageSerializer(serializers.Serializer):
     results = MessageSerializer(many=True)
 
 
-class RegenerateSerializer(SharedFieldsMixin, GenerationSettingsMixin, serializers.Serializer):
+class RegenerateSerializer(GenerationSettingsMixin, serializers.Serializer):
     stream = StrictBooleanField(required=False, default=False)
 
 

@@ -1,7 +1,8 @@
 """Server-Sent Events for a message's generation.
 
 Events, in order: `start` (the stored message as it is when the stream begins), `delta`
-(`{"content": "..."}`, one per piece of text), then either `message` (the complete stored
+(`{"content": "..."}`, one per piece of text; `{"refusal": "..."}` for a piece of the model's
+refusal), then either `message` (the complete stored
 message, same shape as the 201 body) or `error` (the common error shape, naming the stored
 message). A client re-attaching gets the text so far as one `delta`, then live ones.
 """
@@ -16,8 +17,8 @@ from django.http import StreamingHttpResponse
 from rest_framework.renderers import BaseRenderer
 
 from chat.api.errors import error_payload
+from chat.generations import Finished, GenerationEvent, Heartbeat, TextDelta
 from chat.models import Message
-from chat.streams import Finished, GenerationEvent, Heartbeat, TextDelta
 
 CONTENT_TYPE = "text/event-stream"
 
@@ -53,7 +54,7 @@ async def _events(
             yield KEEPALIVE
             continue
         if isinstance(event, TextDelta):
-            yield format_event("delta", {"content": event.text})
+            yield format_event("delta", {"refusal" if event.refusal else "content": event.text})
         elif isinstance(event, Finished):
             if event.error is not None:
                 body, _, _ = error_payload(event.error)

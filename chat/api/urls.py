@@ -1,35 +1,44 @@
-from django.urls import path
+from django.urls import path, register_converter
 
 from chat.api import views
+from chat.api.converters import IdConverter
+
+register_converter(IdConverter, "id")
 
 urlpatterns = [
     path("messages/", views.MessageListView.as_view(), name="message-list"),
     path("messages/create/", views.MessageCreateView.as_view(), name="message-create"),
-    path("messages/<int:message_id>/", views.MessageDetailView.as_view(), name="message-detail"),
+    path("messages/<id:message_id>/", views.MessageDetailView.as_view(), name="message-detail"),
     path(
-        "messages/<int:message_id>/stream/",
+        "messages/<id:message_id>/stream/",
         views.MessageStreamView.as_view(),
         name="message-stream",
     ),
     path(
-        "messages/<int:message_id>/regenerate/",
+        "messages/<id:message_id>/regenerate/",
         views.MessageRegenerateView.as_view(),
         name="message-regenerate",
     ),
+    path(
+        "messages/<id:message_id>/cancel/",
+        views.MessageCancelView.as_view(),
+        name="message-cancel",
+    ),
     path("conversations/", views.ConversationListView.as_view(), name="conversation-list"),
     path(
-        "conversations/<int:conversation_id>/",
+        "conversations/<id:conversation_id>/",
         views.ConversationDetailView.as_view(),
         name="conversation-detail",
     ),
     path(
-        "conversations/<int:conversation_id>/messages/",
+        "conversations/<id:conversation_id>/messages/",
         views.ConversationMessagesView.as_view(),
         name="conversation-messages",
     ),
     path(
-        "conversations/<int:conversation_id>/export/",
+        "conversations/<id:conversation_id>/export/",
         views.ConversationExportView.as_view(),
         name="conversation-export",
     ),
+    path("models/", views.ModelListView.as_view(), name="model-list"),
 ]

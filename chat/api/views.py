@@ -1,8 +1,15 @@
-"""Thin views: validate with a serializer, call a service or selector, serialize the result."""
+"""Thin views: validate with a serializer, call a service or selector, serialize the result.
+
+Every view acts for `self.owner` (chat.api.base): the authenticated user, or the shared
+anonymous user while anonymous use is on. Another user's ids are simply not found.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.conf import settings
+from django.db.models import QuerySet
 from django.http import HttpResponse, HttpResponseBase
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
@@ -12,14 +19,16 @@ from drf_spectacular.utils import (
     extend_schema,
 )
 from rest_framework import status
+from rest_framework.permissions import AllowAny
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from chat import db, exports, selectors, services
+from chat import db, exports, selectors
 from chat.api import sse
-from chat.api.base import AsyncAPIView
-from chat.api.pagination import MessagePagination
+from chat.api.base import APIView
+from chat.api.converters import parse_id
+from chat.api.pagination import PageNumberPagination
 from chat.api.serializers import (
     ConversationSerializer,
     MessageCreateSerializer,
@@ -30,9 +39,11 @@ from chat.api.serializers import (
 )
 from chat.errors import InvalidRequest
 from chat.models import Message
+from chat.services import conversations, lifecycle, messages
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 IDEMPOTENCY_META_KEY = "HTTP_IDEMPOTENCY_KEY"  # how Django stores the header in request.META
+IDEMPOTENCY_KEY_MAX_LENGTH = 255
 
 ERROR_EXAMPLE = {
     "error": {
@@ -43,14 +54,16 @@ ERROR_EXAMPLE = {
     }
 }
 
-
-# MessageSerializer keeps no per-call state: one instance serves every response, without
-# DRF's per-instance field setup.
+# MessageSerializer keeps no per-call state: one instance serves every response.
 _message_serializer = MessageSerializer()
 
 
-def _serialize(message: Message) -> dict:
+def _serialize(message: Message) -> dict[str, Any]:
     return _message_serializer.to_representation(message)
+
+
+def _invalid(field: str, text: str) -> InvalidRequest:
+    return InvalidRequest(f"{field}: {text}", extra={"fields": {field: [text]}})
 
 
 def _idempotency_key(request: Request) -> str | None:
@@ -58,27 +71,38 @@ def _idempotency_key(request: Request) -> str | None:
     if key is None:
         return None
     key = key.strip()
-    if not key or len(key) > 255:
-        raise InvalidRequest(
-            "The Idempotency-Key header must be 1 to 255 characters.",
-            extra={"fields": {IDEMPOTENCY_HEADER: ["Must be 1 to 255 characters."]}},
-        )
+    if not key or len(key) > IDEMPOTENCY_KEY_MAX_LENGTH:
+        raise _invalid(IDEMPOTENCY_HEADER, "Must be 1 to 255 characters.")
     return key
 
 
 def _event_stream(message: Message) -> HttpResponseBase:
     """SSE of a message's generation: what it has so far, then live, with keep-alives."""
-    events = services.follow_message(
-        message_id=message.pk, heartbeat=settings.CHAT_SSE_KEEPALIVE_SECONDS
-    )
+    events = messages.message_follow(message=message, heartbeat=settings.CHAT_SSE_KEEPALIVE_SECONDS)
     return sse.event_stream_response(message, events, _serialize)
 
 
-def _wants_stream(request: Request, data: dict) -> bool:
+def _wants_stream(request: Request, data: dict[str, Any]) -> bool:
     return bool(data.get("stream")) or sse.CONTENT_TYPE in request.META.get("HTTP_ACCEPT", "")
 
 
-class MessageCreateView(AsyncAPIView):
+def _id_param(request: Request, name: str) -> int | None:
+    raw = request.query_params.get(name)
+    if raw in (None, ""):
+        return None
+    number = parse_id(raw)
+    if number is None:
+        raise _invalid(name, "Must be a positive integer id.")
+    return number
+
+
+def _paginated(request: Request, view: APIView, queryset: QuerySet, serializer: Any) -> Response:
+    paginator = PageNumberPagination()
+    page = paginator.paginate_queryset(queryset, request, view=view)
+    return paginator.get_paginated_response(serializer(page, many=True).data)
+
+
+class MessageCreateView(APIView):
     renderer_classes = [JSONRenderer, sse.EventStreamRenderer]
 
     @extend_schema(
@@ -106,13 +130,6 @@ class MessageCreateView(AsyncAPIView):
         responses={
             201: MessageSerializer,
             200: OpenApiResponse(description="text/event-stream when streaming"),
-            400: OpenApiResponse(description="Invalid input (error shape with `fields`)"),
-            413: OpenApiResponse(description="Body larger than DATA_UPLOAD_MAX_MEMORY_SIZE"),
-            415: OpenApiResponse(description="Body is not JSON"),
-            422: OpenApiResponse(description="Idempotency-Key reused with a different body"),
-            502: OpenApiResponse(description="Upstream failure; the prompt is stored"),
-            503: OpenApiResponse(description="API key not configured, or upstream rate limit"),
-            504: OpenApiResponse(description="Upstream timeout; the prompt is stored"),
         },
         examples=[
             OpenApiExample("Request", value={"prompt_message": "Привет!"}, request_only=True),
@@ -136,36 +153,24 @@ class MessageCreateView(AsyncAPIView):
         serializer = MessageCreateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
-        key = _idempotency_key(request)
         fields = {
+            "owner": self.owner,
             "prompt": data["prompt_message"],
             "conversation_id": data.get("conversation"),
             "model": data.get("model"),
             "temperature": data.get("temperature"),
             "max_tokens": data.get("max_tokens"),
-            "idempotency_key": key,
+            "idempotency_key": _idempotency_key(request),
         }
         if _wants_stream(request, data):
-            started = await services.start_message(stream=True, **fields)
+            started = await messages.message_start(stream=True, **fields)
             return _event_stream(started.message)
-        message, replayed = await services.send_message(**fields)
-        headers = {"Idempotent-Replayed": "true"} if replayed else None
-        return Response(_serialize(message), status=status.HTTP_201_CREATED, headers=headers)
+        sent = await messages.message_send(**fields)
+        headers = {"Idempotent-Replayed": "true"} if sent.replayed else None
+        return Response(_serialize(sent.message), status=status.HTTP_201_CREATED, headers=headers)
 
 
-def _positive_int_param(request: Request, name: str) -> int | None:
-    raw = request.query_params.get(name)
-    if raw in (None, ""):
-        return None
-    if not raw.isdigit() or int(raw) < 1:
-        raise InvalidRequest(
-            f"{name} must be a positive integer.",
-            extra={"fields": {name: ["Must be a positive integer."]}},
-        )
-    return int(raw)
-
-
-class MessageListView(AsyncAPIView):
+class MessageListView(APIView):
     @extend_schema(
         operation_id="messages_list",
         summary="List messages, oldest first",
@@ -185,26 +190,26 @@ class MessageListView(AsyncAPIView):
         responses=PaginatedMessageSerializer,
     )
     def get(self, request: Request) -> Response:
-        messages = selectors.message_list(
-            search=request.query_params.get("search", "").strip() or None,
-            conversation_id=_positive_int_param(request, "conversation"),
+        search = request.query_params.get("search", "").strip()
+        if len(search) > settings.CHAT_SEARCH_MAX_LENGTH:
+            raise _invalid(
+                "search", f"Must be at most {settings.CHAT_SEARCH_MAX_LENGTH} characters."
+            )
+        queryset = selectors.message_list(
+            owner=self.owner,
+            search=search or None,
+            conversation_id=_id_param(request, "conversation"),
         )
-        return _paginated(request, self, messages, MessageSerializer)
+        return _paginated(request, self, queryset, MessageSerializer)
 
 
-def _paginated(request: Request, view, queryset, serializer_class) -> Response:
-    paginator = MessagePagination()
-    page = paginator.paginate_queryset(queryset, request, view=view)
-    return paginator.get_paginated_response(serializer_class(page, many=True).data)
-
-
-class MessageDetailView(AsyncAPIView):
+class MessageDetailView(APIView):
     @extend_schema(operation_id="messages_retrieve", responses=MessageSerializer)
     def get(self, request: Request, message_id: int) -> Response:
-        return Response(_serialize(selectors.message_get(message_id=message_id)))
+        return Response(_serialize(selectors.message_get(owner=self.owner, message_id=message_id)))
 
 
-class MessageStreamView(AsyncAPIView):
+class MessageStreamView(APIView):
     renderer_classes = [sse.EventStreamRenderer, JSONRenderer]
 
     @extend_schema(
@@ -218,11 +223,11 @@ class MessageStreamView(AsyncAPIView):
         responses={200: OpenApiResponse(description="text/event-stream")},
     )
     async def get(self, request: Request, message_id: int) -> HttpResponseBase:
-        message = await db.run(selectors.message_get, message_id=message_id)
+        message = await db.run(selectors.message_get, owner=self.owner, message_id=message_id)
         return _event_stream(message)
 
 
-class MessageRegenerateView(AsyncAPIView):
+class MessageRegenerateView(APIView):
     renderer_classes = [JSONRenderer, sse.EventStreamRenderer]
 
     @extend_schema(
@@ -236,7 +241,7 @@ class MessageRegenerateView(AsyncAPIView):
             "message is still generating."
         ),
         request=RegenerateSerializer,
-        responses={200: MessageSerializer, 409: OpenApiResponse(description="Still generating")},
+        responses={200: MessageSerializer},
     )
     async def post(self, request: Request, message_id: int) -> HttpResponseBase:
         # A bare POST (no body, whatever content type) regenerates with the message's settings.
@@ -244,7 +249,8 @@ class MessageRegenerateView(AsyncAPIView):
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         stream = _wants_stream(request, data)
-        message = await services.regenerate_message(
+        message = await messages.message_regenerate(
+            owner=self.owner,
             message_id=message_id,
             model=data.get("model"),
             temperature=data.get("temperature"),
@@ -253,18 +259,35 @@ class MessageRegenerateView(AsyncAPIView):
         )
         if stream:
             return _event_stream(message)
-        final = await services.wait_for_message(message_id=message.pk)
-        return Response(_serialize(final))
+        return Response(_serialize(await messages.message_wait(message=message)))
 
 
-class ConversationListView(AsyncAPIView):
+class MessageCancelView(APIView):
+    @extend_schema(
+        operation_id="messages_cancel",
+        summary="Stop a reply being generated",
+        description=(
+            "Stops the generation, on whichever server process runs it, and answers 200 with the "
+            "message: `cancelled` with the text generated so far. A message that has already "
+            "ended is returned as it is."
+        ),
+        request=None,
+        responses={200: MessageSerializer},
+    )
+    async def post(self, request: Request, message_id: int) -> Response:
+        message = await messages.message_cancel(owner=self.owner, message_id=message_id)
+        return Response(_serialize(message))
+
+
+class ConversationListView(APIView):
     @extend_schema(
         operation_id="conversations_list",
         summary="List conversations, newest activity first",
         responses=PaginatedConversationSerializer,
     )
     def get(self, request: Request) -> Response:
-        return _paginated(request, self, selectors.conversation_list(), ConversationSerializer)
+        queryset = selectors.conversation_list(owner=self.owner)
+        return _paginated(request, self, queryset, ConversationSerializer)
 
     @extend_schema(
         operation_id="conversations_create",
@@ -275,14 +298,16 @@ class ConversationListView(AsyncAPIView):
     def post(self, request: Request) -> Response:
         serializer = ConversationSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        conversation = services.conversation_create(**serializer.validated_data)
+        conversation = conversations.conversation_create(
+            owner=self.owner, **serializer.validated_data
+        )
         return Response(ConversationSerializer(conversation).data, status=status.HTTP_201_CREATED)
 
 
-class ConversationDetailView(AsyncAPIView):
+class ConversationDetailView(APIView):
     @extend_schema(operation_id="conversations_retrieve", responses=ConversationSerializer)
     def get(self, request: Request, conversation_id: int) -> Response:
-        conversation = selectors.conversation_get(conversation_id=conversation_id)
+        conversation = selectors.conversation_get(owner=self.owner, conversation_id=conversation_id)
         return Response(ConversationSerializer(conversation).data)
 
     @extend_schema(
@@ -292,34 +317,36 @@ class ConversationDetailView(AsyncAPIView):
         responses=ConversationSerializer,
     )
     def patch(self, request: Request, conversation_id: int) -> Response:
-        conversation = selectors.conversation_get(conversation_id=conversation_id)
-        serializer = ConversationSerializer(conversation, data=request.data, partial=True)
+        serializer = ConversationSerializer(data=request.data, partial=True)
         serializer.is_valid(raise_exception=True)
-        conversation = services.conversation_update(
-            conversation=conversation, **serializer.validated_data
+        conversation = conversations.conversation_update(
+            owner=self.owner, conversation_id=conversation_id, changes=serializer.validated_data
         )
         return Response(ConversationSerializer(conversation).data)
 
-    @extend_schema(operation_id="conversations_destroy", responses={204: None})
+    @extend_schema(
+        operation_id="conversations_destroy",
+        summary="Delete a conversation with its messages (409 while a reply is generating)",
+        responses={204: None},
+    )
     def delete(self, request: Request, conversation_id: int) -> Response:
-        conversation = selectors.conversation_get(conversation_id=conversation_id)
-        services.conversation_delete(conversation=conversation)
+        conversations.conversation_delete(owner=self.owner, conversation_id=conversation_id)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
-class ConversationMessagesView(AsyncAPIView):
+class ConversationMessagesView(APIView):
     @extend_schema(
         operation_id="conversations_messages",
         summary="A conversation's messages, in order",
         responses=PaginatedMessageSerializer,
     )
     def get(self, request: Request, conversation_id: int) -> Response:
-        selectors.conversation_get(conversation_id=conversation_id)
-        messages = selectors.message_list(conversation_id=conversation_id)
-        return _paginated(request, self, messages, MessageSerializer)
+        selectors.conversation_get(owner=self.owner, conversation_id=conversation_id)
+        queryset = selectors.message_list(owner=self.owner, conversation_id=conversation_id)
+        return _paginated(request, self, queryset, MessageSerializer)
 
 
-class ConversationExportView(AsyncAPIView):
+class ConversationExportView(APIView):
     @extend_schema(
         operation_id="conversations_export",
         summary="Download a conversation as JSON or Markdown",
@@ -333,16 +360,13 @@ class ConversationExportView(AsyncAPIView):
     def get(self, request: Request, conversation_id: int) -> HttpResponseBase:
         export_format = request.query_params.get("format", "json")
         if export_format not in exports.FORMATS:
-            raise InvalidRequest(
-                f"Unknown export format {export_format!r}.",
-                extra={"fields": {"format": [f"Choose one of: {', '.join(exports.FORMATS)}."]}},
-            )
-        conversation = selectors.conversation_get(conversation_id=conversation_id)
-        messages = selectors.conversation_messages(conversation_id=conversation_id)
+            raise _invalid("format", f"Choose one of: {', '.join(exports.FORMATS)}.")
+        conversation = selectors.conversation_get(owner=self.owner, conversation_id=conversation_id)
+        stored = selectors.conversation_messages(owner=self.owner, conversation_id=conversation_id)
         body, content_type, extension = exports.render(
             export_format,
             conversation=ConversationSerializer(conversation).data,
-            messages=MessageSerializer(messages, many=True).data,
+            messages=MessageSerializer(stored, many=True).data,
         )
         response = HttpResponse(body, content_type=content_type)
         response["Content-Disposition"] = (
@@ -351,7 +375,28 @@ class ConversationExportView(AsyncAPIView):
         return response
 
 
-class LivenessView(AsyncAPIView):
+class ModelListView(APIView):
+    @extend_schema(
+        operation_id="models_list",
+        summary="The models a message or conversation may choose",
+        responses={200: OpenApiTypes.OBJECT},
+    )
+    async def get(self, request: Request) -> Response:
+        return Response(
+            {
+                "default": settings.OPENAI_MODEL,
+                "results": [{"id": model} for model in settings.OPENAI_ALLOWED_MODELS],
+            }
+        )
+
+
+class _ProbeView(APIView):
+    authentication_classes: list = []
+    permission_classes = [AllowAny]
+    acts_for_user = False
+
+
+class LivenessView(_ProbeView):
     """The process is up and serving (no I/O: for a load balancer's frequent probe)."""
 
     @extend_schema(operation_id="healthz", responses={200: OpenApiTypes.OBJECT})
@@ -359,7 +404,7 @@ class LivenessView(AsyncAPIView):
         return Response({"status": "ok"})
 
 
-class ReadinessView(AsyncAPIView):
+class ReadinessView(_ProbeView):
     """The service can take traffic: its database answers. Also says whether sending is
     possible (OPENAI_API_KEY configured); without it the service is up but read-only."""
 
@@ -370,5 +415,5 @@ class ReadinessView(AsyncAPIView):
     async def get(self, request: Request) -> Response:
         await db.run(selectors.database_ping)
         return Response(
-            {"status": "ready", "database": "ok", "openai_configured": services.can_send()}
+            {"status": "ready", "database": "ok", "openai_configured": lifecycle.can_send()}
         )

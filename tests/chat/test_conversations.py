@@ -8,6 +8,7 @@ import pytest
 
 from chat import tokens
 from chat.models import Conversation, Message
+from tests.conftest import JSON
 from tests.factories import amake_message
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -16,37 +17,35 @@ CREATE_URL = "/api/messages/create/"
 
 
 async def send(client, **body):
-    return await client.post(CREATE_URL, json.dumps(body), content_type="application/json")
+    return await client.post(CREATE_URL, json=body, headers=JSON)
 
 
-async def test_a_message_without_conversation_starts_one_titled_from_the_prompt(
-    async_client, fake_openai
-):
-    response = await send(async_client, prompt_message="How do tides   work on Mars?")
+async def test_a_message_without_conversation_starts_one_titled_from_the_prompt(api, fake_openai):
+    response = await send(api, prompt_message="How do tides   work on Mars?")
     assert response.status_code == 201
     conversation_id = response.json()["conversation"]
     conversation = await Conversation.objects.aget(pk=conversation_id)
     assert conversation.title == "How do tides work on Mars?"
 
     long = "word " * 40
-    other = await send(async_client, prompt_message=long)
+    other = await send(api, prompt_message=long)
     title = (await Conversation.objects.aget(pk=other.json()["conversation"])).title
     assert len(title) <= 61 and title.endswith("…") and title.startswith("word word")
     assert other.json()["conversation"] != conversation_id
 
 
-async def test_three_turns_send_exactly_the_expected_messages(async_client, fake_openai):
-    created = await async_client.post(
+async def test_three_turns_send_exactly_the_expected_messages(api, fake_openai):
+    created = await api.post(
         "/api/conversations/",
-        json.dumps({"title": "Trip", "system_prompt": "You are terse."}),
-        content_type="application/json",
+        json={"title": "Trip", "system_prompt": "You are terse."},
+        headers=JSON,
     )
     assert created.status_code == 201
     conversation = created.json()["id"]
 
     replies = []
     for prompt in ["First question", "Second question", "Third question"]:
-        response = await send(async_client, prompt_message=prompt, conversation=conversation)
+        response = await send(api, prompt_message=prompt, conversation=conversation)
         assert response.status_code == 201
         assert response.json()["conversation"] == conversation
         replies.append(response.json())
@@ -71,14 +70,12 @@ async def test_three_turns_send_exactly_the_expected_messages(async_client, fake
     assert replies[2]["context_message_ids"] == [replies[0]["id"], replies[1]["id"]]
 
 
-async def test_streaming_in_a_conversation_sends_the_context_too(async_client, fake_openai):
-    first = await send(async_client, prompt_message="one")
+async def test_streaming_in_a_conversation_sends_the_context_too(api, fake_openai):
+    first = await send(api, prompt_message="one")
     conversation = first.json()["conversation"]
-    response = await send(
-        async_client, prompt_message="two", conversation=conversation, stream=True
-    )
+    response = await send(api, prompt_message="two", conversation=conversation, stream=True)
     assert response.status_code == 200
-    _ = b"".join([c async for c in response.streaming_content])
+    assert "event: message" in response.text
     assert fake_openai.chat_requests()[-1].json["messages"] == [
         {"role": "user", "content": "one"},
         {"role": "assistant", "content": "Echo: one"},
@@ -86,13 +83,13 @@ async def test_streaming_in_a_conversation_sends_the_context_too(async_client, f
     ]
 
 
-async def test_failed_turns_are_not_sent_as_context(async_client, fake_openai):
-    first = await send(async_client, prompt_message="kept")
+async def test_failed_turns_are_not_sent_as_context(api, fake_openai):
+    first = await send(api, prompt_message="kept")
     conversation = first.json()["conversation"]
     fake_openai.fail_next("500")
-    failed = await send(async_client, prompt_message="lost", conversation=conversation)
+    failed = await send(api, prompt_message="lost", conversation=conversation)
     assert failed.status_code == 502
-    await send(async_client, prompt_message="next", conversation=conversation)
+    await send(api, prompt_message="next", conversation=conversation)
     assert fake_openai.chat_requests()[-1].json["messages"] == [
         {"role": "user", "content": "kept"},
         {"role": "assistant", "content": "Echo: kept"},
@@ -109,20 +106,20 @@ def count_sent(messages, model="gpt-3.5-turbo") -> int:
 
 
 async def test_a_long_conversation_is_cut_oldest_first_within_the_budget(
-    async_client, fake_openai, settings
+    api, fake_openai, settings
 ):
     settings.CHAT_CONTEXT_TOKEN_BUDGET = 120
     conversation = (
-        await async_client.post(
+        await api.post(
             "/api/conversations/",
-            json.dumps({"system_prompt": "Be brief."}),
-            content_type="application/json",
+            json={"system_prompt": "Be brief."},
+            headers=JSON,
         )
     ).json()["id"]
     ids = []
     for turn in range(12):
         prompt = f"Turn {turn}: tell me something about the number {turn}."
-        response = await send(async_client, prompt_message=prompt, conversation=conversation)
+        response = await send(api, prompt_message=prompt, conversation=conversation)
         assert response.status_code == 201
         ids.append(response.json()["id"])
 
@@ -145,30 +142,26 @@ async def test_a_long_conversation_is_cut_oldest_first_within_the_budget(
     assert last.context_message_ids == ids[first_kept:11]
 
 
-async def test_system_prompt_and_new_prompt_are_kept_even_over_budget(
-    async_client, fake_openai, settings
-):
+async def test_system_prompt_and_new_prompt_are_kept_even_over_budget(api, fake_openai, settings):
     settings.CHAT_CONTEXT_TOKEN_BUDGET = 10
-    first = await send(async_client, prompt_message="earlier turn")
+    first = await send(api, prompt_message="earlier turn")
     conversation = first.json()["conversation"]
-    await async_client.patch(
+    await api.patch(
         f"/api/conversations/{conversation}/",
-        json.dumps({"system_prompt": "A long system prompt " * 5}),
-        content_type="application/json",
+        json={"system_prompt": "A long system prompt " * 5},
+        headers=JSON,
     )
-    response = await send(
-        async_client, prompt_message="new prompt " * 10, conversation=conversation
-    )
+    response = await send(api, prompt_message="new prompt " * 10, conversation=conversation)
     assert response.status_code == 201
     sent = fake_openai.chat_requests()[-1].json["messages"]
     assert [m["role"] for m in sent] == ["system", "user"]
     assert response.json()["context_message_ids"] == []
 
 
-async def test_token_counts_are_cached_on_the_messages(async_client, fake_openai):
-    first = await send(async_client, prompt_message="hello world")
+async def test_token_counts_are_cached_on_the_messages(api, fake_openai):
+    first = await send(api, prompt_message="hello world")
     conversation = first.json()["conversation"]
-    second = await send(async_client, prompt_message="again", conversation=conversation)
+    second = await send(api, prompt_message="again", conversation=conversation)
     # Counted once while building the context, and kept for later contexts.
     counted_on_insert = await Message.objects.aget(pk=second.json()["id"])
     assert counted_on_insert.prompt_token_count == tokens.count_text("again", model="gpt-3.5-turbo")
@@ -190,9 +183,9 @@ def test_token_counting_is_exact_offline_and_estimates_unknown_models():
 # --- Parameters -------------------------------------------------------------------------------
 
 
-async def test_per_request_model_and_parameters_are_sent(async_client, fake_openai):
+async def test_per_request_model_and_parameters_are_sent(api, fake_openai):
     response = await send(
-        async_client, prompt_message="hi", model="gpt-4o-mini", temperature=0.2, max_tokens=50
+        api, prompt_message="hi", model="gpt-4o-mini", temperature=0.2, max_tokens=50
     )
     assert response.status_code == 201
     body = response.json()
@@ -201,18 +194,18 @@ async def test_per_request_model_and_parameters_are_sent(async_client, fake_open
     assert (sent["model"], sent["temperature"], sent["max_tokens"]) == ("gpt-4o-mini", 0.2, 50)
 
 
-async def test_conversation_settings_apply_and_requests_override_them(async_client, fake_openai):
+async def test_conversation_settings_apply_and_requests_override_them(api, fake_openai):
     conversation = (
-        await async_client.post(
+        await api.post(
             "/api/conversations/",
-            json.dumps({"model": "gpt-4o", "temperature": 1.5, "max_tokens": 99}),
-            content_type="application/json",
+            json={"model": "gpt-4o", "temperature": 1.5, "max_tokens": 99},
+            headers=JSON,
         )
     ).json()["id"]
-    await send(async_client, prompt_message="a", conversation=conversation)
+    await send(api, prompt_message="a", conversation=conversation)
     sent = fake_openai.chat_requests()[-1].json
     assert (sent["model"], sent["temperature"], sent["max_tokens"]) == ("gpt-4o", 1.5, 99)
-    await send(async_client, prompt_message="b", conversation=conversation, temperature=0)
+    await send(api, prompt_message="b", conversation=conversation, temperature=0)
     assert fake_openai.chat_requests()[-1].json["temperature"] == 0
 
 
@@ -231,8 +224,8 @@ async def test_conversation_settings_apply_and_requests_override_them(async_clie
         ({"conversation": 987654}, "conversation"),
     ],
 )
-async def test_disallowed_parameters_are_a_400_naming_them(async_client, fake_openai, body, field):
-    response = await send(async_client, prompt_message="hi", **body)
+async def test_disallowed_parameters_are_a_400_naming_them(api, fake_openai, body, field):
+    response = await send(api, prompt_message="hi", **body)
     assert response.status_code == 400
     error = response.json()["error"]
     assert field in error["fields"]
@@ -242,69 +235,65 @@ async def test_disallowed_parameters_are_a_400_naming_them(async_client, fake_op
     assert await Message.objects.acount() == 0
 
 
-async def test_the_allow_list_comes_from_settings(async_client, fake_openai, settings):
+async def test_the_allow_list_comes_from_settings(api, fake_openai, settings):
     settings.OPENAI_ALLOWED_MODELS = ["gpt-3.5-turbo", "my-local-model"]
-    ok = await send(async_client, prompt_message="hi", model="my-local-model")
+    ok = await send(api, prompt_message="hi", model="my-local-model")
     assert ok.status_code == 201
-    refused = await send(async_client, prompt_message="hi", model="gpt-4o")
+    refused = await send(api, prompt_message="hi", model="gpt-4o")
     assert refused.status_code == 400
 
 
 # --- Conversation resource --------------------------------------------------------------------
 
 
-async def test_conversation_crud(async_client, fake_openai):
-    created = await async_client.post(
-        "/api/conversations/", json.dumps({"title": "Plans"}), content_type="application/json"
-    )
+async def test_conversation_crud(api, fake_openai):
+    created = await api.post("/api/conversations/", json={"title": "Plans"}, headers=JSON)
     assert created.status_code == 201
     conversation = created.json()
     assert conversation["title"] == "Plans" and conversation["model"] == ""
     url = f"/api/conversations/{conversation['id']}/"
 
-    renamed = await async_client.patch(
+    renamed = await api.patch(
         url,
-        json.dumps({"title": "Holiday plans", "model": "gpt-4o"}),
-        content_type="application/json",
+        json={"title": "Holiday plans", "model": "gpt-4o"},
+        headers=JSON,
     )
     assert renamed.status_code == 200
     assert renamed.json()["title"] == "Holiday plans" and renamed.json()["model"] == "gpt-4o"
-    bad = await async_client.patch(
-        url, json.dumps({"model": "nope"}), content_type="application/json"
-    )
+    bad = await api.patch(url, json={"model": "nope"}, headers=JSON)
     assert bad.status_code == 400 and "model" in bad.json()["error"]["fields"]
 
-    assert (await async_client.get(url)).json()["title"] == "Holiday plans"
-    await send(async_client, prompt_message="x", conversation=conversation["id"])
-    messages = await async_client.get(f"{url}messages/")
+    assert (await api.get(url)).json()["title"] == "Holiday plans"
+    await send(api, prompt_message="x", conversation=conversation["id"])
+    messages = await api.get(f"{url}messages/")
     assert messages.json()["count"] == 1
 
-    deleted = await async_client.delete(url)
+    deleted = await api.delete(url)
     assert deleted.status_code == 204
-    assert (await async_client.get(url)).status_code == 404
+    assert (await api.get(url)).status_code == 404
     assert await Message.objects.acount() == 0
 
 
-async def test_conversations_are_listed_newest_activity_first(async_client, fake_openai):
-    a = (await send(async_client, prompt_message="a")).json()["conversation"]
-    b = (await send(async_client, prompt_message="b")).json()["conversation"]
-    listing = (await async_client.get("/api/conversations/")).json()
+async def test_conversations_are_listed_newest_activity_first(api, fake_openai):
+    a = (await send(api, prompt_message="a")).json()["conversation"]
+    b = (await send(api, prompt_message="b")).json()["conversation"]
+    listing = (await api.get("/api/conversations/")).json()
     assert [c["id"] for c in listing["results"]] == [b, a]
-    await send(async_client, prompt_message="a again", conversation=a)
-    listing = (await async_client.get("/api/conversations/")).json()
+    await send(api, prompt_message="a again", conversation=a)
+    listing = (await api.get("/api/conversations/")).json()
     assert [c["id"] for c in listing["results"]] == [a, b]
     assert listing["count"] == 2
 
 
-async def test_conversation_messages_are_in_order_and_404_for_unknown(async_client, fake_openai):
-    first = await send(async_client, prompt_message="1")
+async def test_conversation_messages_are_in_order_and_404_for_unknown(api, fake_openai):
+    first = await send(api, prompt_message="1")
     conversation = first.json()["conversation"]
     for prompt in ["2", "3"]:
-        await send(async_client, prompt_message=prompt, conversation=conversation)
-    await send(async_client, prompt_message="elsewhere")
-    body = (await async_client.get(f"/api/conversations/{conversation}/messages/")).json()
+        await send(api, prompt_message=prompt, conversation=conversation)
+    await send(api, prompt_message="elsewhere")
+    body = (await api.get(f"/api/conversations/{conversation}/messages/")).json()
     assert [m["prompt_message"] for m in body["results"]] == ["1", "2", "3"]
-    missing = await async_client.get("/api/conversations/999999/messages/")
+    missing = await api.get("/api/conversations/999999/messages/")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
 
 
@@ -312,17 +301,15 @@ async def test_conversation_messages_are_in_order_and_404_for_unknown(async_clie
 
 
 async def test_regenerate_replaces_the_reply_with_the_same_context_and_keeps_the_old(
-    async_client, fake_openai
+    api, fake_openai
 ):
-    first = await send(async_client, prompt_message="context")
+    first = await send(api, prompt_message="context")
     conversation = first.json()["conversation"]
-    second = (await send(async_client, prompt_message="question", conversation=conversation)).json()
+    second = (await send(api, prompt_message="question", conversation=conversation)).json()
     original_context = fake_openai.chat_requests()[-1].json["messages"]
 
     fake_openai.reply = "A better answer"
-    response = await async_client.post(
-        f"/api/messages/{second['id']}/regenerate/", content_type="application/json"
-    )
+    response = await api.post(f"/api/messages/{second['id']}/regenerate/", headers=JSON)
 
     assert response.status_code == 200
     body = response.json()
@@ -333,14 +320,14 @@ async def test_regenerate_replaces_the_reply_with_the_same_context_and_keeps_the
     assert await Message.objects.acount() == 2
 
 
-async def test_a_failed_message_is_retried_by_regenerate(async_client, fake_openai):
+async def test_a_failed_message_is_retried_by_regenerate(api, fake_openai):
     fake_openai.fail_next("503")
-    failed = await send(async_client, prompt_message="try again")
+    failed = await send(api, prompt_message="try again")
     message_id = failed.json()["error"]["message_id"]
-    response = await async_client.post(
+    response = await api.post(
         f"/api/messages/{message_id}/regenerate/",
-        json.dumps({"model": "gpt-4o-mini"}),
-        content_type="application/json",
+        json={"model": "gpt-4o-mini"},
+        headers=JSON,
     )
     assert response.status_code == 200
     body = response.json()
@@ -349,42 +336,38 @@ async def test_a_failed_message_is_retried_by_regenerate(async_client, fake_open
     assert body["previous_replies"][0]["status"] == "failed"
 
 
-async def test_regenerate_can_stream(async_client, fake_openai):
-    message = (await send(async_client, prompt_message="s")).json()
-    response = await async_client.post(
+async def test_regenerate_can_stream(api, fake_openai):
+    message = (await send(api, prompt_message="s")).json()
+    response = await api.post(
         f"/api/messages/{message['id']}/regenerate/",
-        json.dumps({"stream": True}),
-        content_type="application/json",
+        json={"stream": True},
+        headers=JSON,
     )
-    body = b"".join([c async for c in response.streaming_content]).decode()
+    body = response.text
     assert "event: message" in body and '"status":"completed"' in body
 
 
-async def test_regenerating_a_message_still_generating_is_a_409(async_client, fake_openai):
+async def test_regenerating_a_message_still_generating_is_a_409(api, fake_openai):
     pending = await amake_message(status="streaming")
-    response = await async_client.post(
-        f"/api/messages/{pending.pk}/regenerate/", content_type="application/json"
-    )
+    response = await api.post(f"/api/messages/{pending.pk}/regenerate/", headers=JSON)
     assert response.status_code == 409
     assert response.json()["error"]["code"] == "message_in_progress"
-    missing = await async_client.post(
-        "/api/messages/999999/regenerate/", content_type="application/json"
-    )
+    missing = await api.post("/api/messages/999999/regenerate/", headers=JSON)
     assert missing.status_code == 404
 
 
 # --- Titles, search, export -------------------------------------------------------------------
 
 
-async def test_titles_can_come_from_the_model(async_client, fake_openai, settings):
+async def test_titles_can_come_from_the_model(api, fake_openai, settings):
     settings.CHAT_TITLE_FROM_MODEL = True
-    response = await send(async_client, prompt_message="Explain [[reply:Quantum basics]] to me")
+    response = await send(api, prompt_message="Explain [[reply:Quantum basics]] to me")
     conversation = response.json()["conversation"]
     # The title call runs after the reply is stored; wait for it.
-    from chat import streams
+    from chat import generations
 
-    for generation in streams.in_flight():
-        await generation.task
+    for task in generations.pending_tasks():
+        await task
     title = (await Conversation.objects.aget(pk=conversation)).title
     assert title == "Quantum basics"
     title_request = fake_openai.chat_requests()[-1].json
@@ -392,40 +375,40 @@ async def test_titles_can_come_from_the_model(async_client, fake_openai, setting
     assert title_request["max_tokens"] == 20
 
 
-async def test_search_is_case_insensitive_over_prompts_and_replies(async_client, fake_openai):
-    hello = (await send(async_client, prompt_message="Привет, мир!")).json()
-    weather = (await send(async_client, prompt_message="weather [[reply:Sunny in BERLIN]]")).json()
-    await send(async_client, prompt_message="unrelated")
+async def test_search_is_case_insensitive_over_prompts_and_replies(api, fake_openai):
+    hello = (await send(api, prompt_message="Привет, мир!")).json()
+    weather = (await send(api, prompt_message="weather [[reply:Sunny in BERLIN]]")).json()
+    await send(api, prompt_message="unrelated")
 
     def ids(body):
         return [m["id"] for m in body["results"]]
 
-    assert ids((await async_client.get("/api/messages/?search=привет")).json()) == [hello["id"]]
-    assert ids((await async_client.get("/api/messages/?search=berlin")).json()) == [weather["id"]]
+    assert ids((await api.get("/api/messages/?search=привет")).json()) == [hello["id"]]
+    assert ids((await api.get("/api/messages/?search=berlin")).json()) == [weather["id"]]
     conversation = hello["conversation"]
-    filtered = (await async_client.get(f"/api/messages/?conversation={conversation}")).json()
+    filtered = (await api.get(f"/api/messages/?conversation={conversation}")).json()
     assert ids(filtered) == [hello["id"]]
-    bad = await async_client.get("/api/messages/?conversation=abc")
+    bad = await api.get("/api/messages/?conversation=abc")
     assert bad.status_code == 400 and "conversation" in bad.json()["error"]["fields"]
 
 
-async def test_export_as_json_and_markdown(async_client, fake_openai):
-    first = (await send(async_client, prompt_message="Export me")).json()
+async def test_export_as_json_and_markdown(api, fake_openai):
+    first = (await send(api, prompt_message="Export me")).json()
     conversation = first["conversation"]
-    await send(async_client, prompt_message="And me", conversation=conversation)
+    await send(api, prompt_message="And me", conversation=conversation)
 
-    as_json = await async_client.get(f"/api/conversations/{conversation}/export/?format=json")
+    as_json = await api.get(f"/api/conversations/{conversation}/export/?format=json")
     assert as_json.status_code == 200
-    assert "attachment" in as_json["Content-Disposition"]
+    assert "attachment" in as_json.headers["Content-Disposition"]
     data = json.loads(as_json.content)
     assert data["conversation"]["id"] == conversation
     assert [m["prompt_message"] for m in data["messages"]] == ["Export me", "And me"]
 
-    as_md = await async_client.get(f"/api/conversations/{conversation}/export/?format=markdown")
-    assert as_md["Content-Type"].startswith("text/markdown")
-    text = as_md.content.decode()
+    as_md = await api.get(f"/api/conversations/{conversation}/export/?format=markdown")
+    assert as_md.headers["Content-Type"].startswith("text/markdown")
+    text = as_md.text
     assert text.startswith("# Export me")
     assert text.index("Export me") < text.index("Echo: Export me") < text.index("And me")
 
-    bad = await async_client.get(f"/api/conversations/{conversation}/export/?format=pdf")
+    bad = await api.get(f"/api/conversations/{conversation}/export/?format=pdf")
     assert bad.status_code == 400 and "format" in bad.json()["error"]["fields"]

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from chat.models import Message
+from tests.conftest import JSON, error_of
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -15,24 +16,11 @@ CREATE_URL = "/api/messages/create/"
 
 async def post_json(client, body, **kwargs):
     payload = body if isinstance(body, (str, bytes)) else json.dumps(body)
-    return await client.post(CREATE_URL, payload, content_type="application/json", **kwargs)
+    return await client.post(CREATE_URL, content=payload, headers=JSON, **kwargs)
 
 
-def error_of(response) -> dict:
-    assert response["Content-Type"].startswith("application/json"), response["Content-Type"]
-    body = response.json()
-    assert set(body) == {"error"}, body
-    error = body["error"]
-    assert error["status"] == response.status_code
-    assert isinstance(error["code"], str) and error["code"]
-    assert isinstance(error["message"], str) and error["message"]
-    return error
-
-
-async def test_create_returns_the_contract_fields_and_stores_prompt_and_reply(
-    async_client, fake_openai
-):
-    response = await post_json(async_client, {"prompt_message": "Привет!"})
+async def test_create_returns_the_contract_fields_and_stores_prompt_and_reply(api, fake_openai):
+    response = await post_json(api, {"prompt_message": "Привет!"})
 
     assert response.status_code == 201
     body = response.json()
@@ -58,16 +46,16 @@ async def test_create_returns_the_contract_fields_and_stores_prompt_and_reply(
     assert sent.headers["authorization"] == "Bearer test-key"
 
 
-async def test_the_model_comes_from_settings(async_client, fake_openai, settings):
+async def test_the_model_comes_from_settings(api, fake_openai, settings):
     settings.OPENAI_MODEL = "gpt-4o-mini"
-    response = await post_json(async_client, {"prompt_message": "hi"})
+    response = await post_json(api, {"prompt_message": "hi"})
     assert response.status_code == 201
     assert response.json()["model"] == "gpt-4o-mini"
     assert fake_openai.chat_requests()[0].json["model"] == "gpt-4o-mini"
 
 
-async def test_the_prompt_is_sent_verbatim_with_its_whitespace(async_client, fake_openai):
-    response = await post_json(async_client, {"prompt_message": "  two  spaces \n"})
+async def test_the_prompt_is_sent_verbatim_with_its_whitespace(api, fake_openai):
+    response = await post_json(api, {"prompt_message": "  two  spaces \n"})
     assert response.status_code == 201
     assert response.json()["prompt_message"] == "  two  spaces \n"
     assert fake_openai.chat_requests()[0].json["messages"][0]["content"] == "  two  spaces \n"
@@ -89,10 +77,8 @@ async def test_the_prompt_is_sent_verbatim_with_its_whitespace(async_client, fak
     ],
     ids=["missing", "null", "int", "float", "bool", "list", "object", "empty", "blank", "stream"],
 )
-async def test_invalid_prompt_is_a_400_naming_the_field(
-    async_client, fake_openai, body, message_part
-):
-    response = await post_json(async_client, body)
+async def test_invalid_prompt_is_a_400_naming_the_field(api, fake_openai, body, message_part):
+    response = await post_json(api, body)
 
     assert response.status_code == 400
     error = error_of(response)
@@ -105,13 +91,13 @@ async def test_invalid_prompt_is_a_400_naming_the_field(
     assert fake_openai.chat_requests() == []
 
 
-async def test_too_long_prompt_is_a_400(async_client, fake_openai, settings):
+async def test_too_long_prompt_is_a_400(api, fake_openai, settings):
     settings.CHAT_MAX_PROMPT_CHARS = 10
-    response = await post_json(async_client, {"prompt_message": "x" * 11})
+    response = await post_json(api, {"prompt_message": "x" * 11})
     assert response.status_code == 400
     error = error_of(response)
     assert "10 characters" in error["fields"]["prompt_message"][0]
-    ok = await post_json(async_client, {"prompt_message": "x" * 10})
+    ok = await post_json(api, {"prompt_message": "x" * 10})
     assert ok.status_code == 201
 
 
@@ -126,37 +112,35 @@ async def test_too_long_prompt_is_a_400(async_client, fake_openai, settings):
         b'{"prompt_message": "\xff"}',  # not UTF-8
     ],
 )
-async def test_body_that_is_not_a_json_object_is_a_400(async_client, fake_openai, raw):
-    response = await post_json(async_client, raw)
+async def test_body_that_is_not_a_json_object_is_a_400(api, fake_openai, raw):
+    response = await post_json(api, raw)
     assert response.status_code == 400
     error = error_of(response)
     assert error["code"] in {"parse_error", "invalid"}
     assert await Message.objects.acount() == 0
 
 
-async def test_form_body_is_a_415(async_client, fake_openai):
-    response = await async_client.post(CREATE_URL, {"prompt_message": "hi"})
+async def test_form_body_is_a_415(api, fake_openai):
+    response = await api.post(CREATE_URL, data={"prompt_message": "hi"})
     assert response.status_code == 415
     assert error_of(response)["code"] == "unsupported_media_type"
 
 
 @pytest.mark.parametrize("method", ["get", "put", "patch", "delete"])
-async def test_wrong_method_is_a_405(async_client, fake_openai, method):
-    response = await getattr(async_client, method)(CREATE_URL)
+async def test_wrong_method_is_a_405(api, fake_openai, method):
+    response = await getattr(api, method)(CREATE_URL)
     assert response.status_code == 405
     assert error_of(response)["code"] == "method_not_allowed"
 
 
-async def test_without_an_api_key_sending_is_a_503_and_listing_works(
-    async_client, fake_openai, settings
-):
+async def test_without_an_api_key_sending_is_a_503_and_listing_works(api, fake_openai, settings):
     settings.OPENAI_API_KEY = ""
-    response = await post_json(async_client, {"prompt_message": "hi"})
+    response = await post_json(api, {"prompt_message": "hi"})
     assert response.status_code == 503
     error = error_of(response)
     assert error["code"] == "openai_not_configured"
     assert "OPENAI_API_KEY" in error["message"]
-    listing = await async_client.get("/api/messages/")
+    listing = await api.get("/api/messages/")
     assert listing.status_code == 200
     # The prompt is kept, failed, and goes through once a key is configured.
     [kept] = listing.json()["results"]
@@ -164,9 +148,7 @@ async def test_without_an_api_key_sending_is_a_503_and_listing_works(
     assert kept["error"]["code"] == "openai_not_configured"
     assert fake_openai.chat_requests() == []
     settings.OPENAI_API_KEY = "test-key"
-    retried = await async_client.post(
-        f"/api/messages/{kept['id']}/regenerate/", content_type="application/json"
-    )
+    retried = await api.post(f"/api/messages/{kept['id']}/regenerate/", headers=JSON)
     assert retried.status_code == 200 and retried.json()["response"] == "Echo: hi"
 
 
@@ -185,61 +167,57 @@ async def test_without_an_api_key_sending_is_a_503_and_listing_works(
     ],
 )
 async def test_upstream_failure_maps_to_a_json_error_and_keeps_the_prompt(
-    async_client, fake_openai, settings, http_backend, fault, kwargs, status, code
+    api, fake_openai, settings, http_client, fault, kwargs, status, code
 ):
     settings.OPENAI_TIMEOUT = 0.5
     fake_openai.fail_next(fault, **kwargs)
 
-    response = await post_json(async_client, {"prompt_message": "keep me"})
+    response = await post_json(api, {"prompt_message": "keep me"})
 
     assert response.status_code == status
     error = error_of(response)
     assert error["code"] == code
     if fault == "429" and kwargs:
-        assert response["Retry-After"] == "7"
+        assert response.headers["Retry-After"] == "7"
         assert error["retry_after"] == 7
     elif fault == "429":
-        assert not response.has_header("Retry-After")
-    assert "test-key" not in response.content.decode()
+        assert "Retry-After" not in response.headers
+    assert "test-key" not in response.text
 
     stored = await Message.objects.aget(pk=error["message_id"])
     assert stored.prompt_message == "keep me"
     assert stored.status == "failed"
     assert stored.error_code == code
 
-    detail = await async_client.get(f"/api/messages/{stored.pk}/")
+    detail = await api.get(f"/api/messages/{stored.pk}/")
     assert detail.json()["status"] == "failed"
     assert detail.json()["error"]["code"] == code
 
 
-async def test_upstream_rejecting_our_key_says_so_without_the_key(async_client, fake_openai):
+async def test_upstream_rejecting_our_key_says_so_without_the_key(api, fake_openai):
     fake_openai.fail_next("401")
-    response = await post_json(async_client, {"prompt_message": "hi"})
+    response = await post_json(api, {"prompt_message": "hi"})
     error = error_of(response)
     assert "API key" in error["message"]
     assert "test-key" not in json.dumps(error) and "-key" not in json.dumps(error)
 
 
-async def test_transient_failures_are_retried_within_the_budget(
-    async_client, fake_openai, settings
-):
+async def test_transient_failures_are_retried_within_the_budget(api, fake_openai, settings):
     settings.OPENAI_MAX_RETRIES = 2
     fake_openai.fail_next("503", count=1)
     fake_openai.fail_next("drop", count=1)
-    response = await post_json(async_client, {"prompt_message": "eventually"})
+    response = await post_json(api, {"prompt_message": "eventually"})
     assert response.status_code == 201
     assert response.json()["response"] == "Echo: eventually"
     assert len(fake_openai.chat_requests()) == 3
     assert await Message.objects.acount() == 1
 
 
-async def test_a_retry_after_longer_than_the_timeout_is_not_waited_for(
-    async_client, fake_openai, settings
-):
+async def test_a_retry_after_longer_than_the_timeout_is_not_waited_for(api, fake_openai, settings):
     settings.OPENAI_MAX_RETRIES = 2
     settings.OPENAI_TIMEOUT = 2
     fake_openai.fail_next("429", retry_after=30)
-    response = await post_json(async_client, {"prompt_message": "hi"})
+    response = await post_json(api, {"prompt_message": "hi"})
     assert response.status_code == 503
-    assert response["Retry-After"] == "30"
+    assert response.headers["Retry-After"] == "30"
     assert len(fake_openai.chat_requests()) == 1

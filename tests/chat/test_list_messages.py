@@ -16,6 +16,7 @@ def make_messages(count: int) -> list[Message]:
     conversation = make_conversation()
     return Message.objects.bulk_create(
         Message(
+            owner=conversation.owner,
             conversation=conversation,
             prompt_message=f"prompt {i}",
             response=f"reply {i}",

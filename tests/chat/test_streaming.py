@@ -8,9 +8,10 @@ import json
 import pytest
 from django.utils import timezone
 
-from chat import services, streams
+from chat import generations
 from chat.models import Message
-from tests.conftest import parse_sse, read_streaming
+from chat.services import lifecycle, messages
+from tests.conftest import JSON, parse_sse
 from tests.factories import amake_message
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -18,22 +19,18 @@ pytestmark = pytest.mark.django_db(transaction=True)
 CREATE_URL = "/api/messages/create/"
 
 
-async def post_stream(client, body, **kwargs):
-    return await client.post(
-        CREATE_URL, json.dumps({**body, "stream": True}), content_type="application/json", **kwargs
-    )
+async def post_stream(client, body, headers=None):
+    return await client.post(CREATE_URL, json={**body, "stream": True}, headers=headers)
 
 
-async def test_a_streamed_reply_is_sent_in_deltas_and_stored_whole(
-    async_client, fake_openai, http_backend
-):
+async def test_a_streamed_reply_is_sent_in_deltas_and_stored_whole(api, fake_openai, http_client):
     fake_openai.stream_chunks = 6
     fake_openai.latency = 0.3
-    response = await post_stream(async_client, {"prompt_message": "stream this please"})
+    response = await post_stream(api, {"prompt_message": "stream this please"})
 
     assert response.status_code == 200
-    assert response["Content-Type"].startswith("text/event-stream")
-    events = parse_sse(await read_streaming(response))
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    events = parse_sse(response.text)
     names = [e.event for e in events]
     assert names[0] == "start" and names[-1] == "message"
     assert names.count("delta") >= 5
@@ -53,34 +50,29 @@ async def test_a_streamed_reply_is_sent_in_deltas_and_stored_whole(
     assert sent.json["stream_options"] == {"include_usage": True}
 
 
-async def test_accept_event_stream_also_streams(async_client, fake_openai):
-    response = await async_client.post(
+async def test_accept_event_stream_also_streams(api, fake_openai):
+    response = await api.post(
         CREATE_URL,
-        json.dumps({"prompt_message": "hi"}),
-        content_type="application/json",
+        json={"prompt_message": "hi"},
         headers={"Accept": "text/event-stream"},
     )
     assert response.status_code == 200
-    events = parse_sse(await read_streaming(response))
+    events = parse_sse(response.text)
     assert events[-1].event == "message"
 
 
-async def test_validation_errors_are_json_even_when_asking_for_a_stream(async_client, fake_openai):
-    response = await async_client.post(
-        CREATE_URL, "{}", content_type="application/json", headers={"Accept": "text/event-stream"}
+async def test_validation_errors_are_json_even_when_asking_for_a_stream(api, fake_openai):
+    response = await api.post(
+        CREATE_URL, content="{}", headers={**JSON, "Accept": "text/event-stream"}
     )
     assert response.status_code == 400
-    assert response["Content-Type"] == "application/json"
+    assert response.headers["Content-Type"] == "application/json"
     assert "prompt_message" in response.json()["error"]["fields"]
 
 
-async def test_an_upstream_error_becomes_an_error_event_and_the_prompt_is_kept(
-    async_client, fake_openai
-):
+async def test_an_upstream_error_becomes_an_error_event_and_the_prompt_is_kept(api, fake_openai):
     fake_openai.fail_next("500")
-    events = parse_sse(
-        await read_streaming(await post_stream(async_client, {"prompt_message": "x"}))
-    )
+    events = parse_sse((await post_stream(api, {"prompt_message": "x"})).text)
     assert [e.event for e in events] == ["start", "error"]
     error = events[-1].data["error"]
     assert error["code"] == "upstream_unavailable" and error["status"] == 502
@@ -89,11 +81,11 @@ async def test_an_upstream_error_becomes_an_error_event_and_the_prompt_is_kept(
 
 
 async def test_a_stream_cut_without_finish_reason_is_stored_as_truncated(
-    async_client, fake_openai, http_backend
+    api, fake_openai, http_client
 ):
     fake_openai.stream_chunks = 10
     fake_openai.fail_next("cut")
-    body = await read_streaming(await post_stream(async_client, {"prompt_message": "a b c d e f"}))
+    body = (await post_stream(api, {"prompt_message": "a b c d e f"})).text
     events = parse_sse(body)
     assert events[-1].event == "error"
     assert events[-1].data["error"]["code"] == "upstream_truncated"
@@ -105,29 +97,33 @@ async def test_a_stream_cut_without_finish_reason_is_stored_as_truncated(
     assert stored.response == partial
 
 
-async def test_partial_text_is_saved_while_streaming(async_client, fake_openai, settings):
+async def test_partial_text_is_saved_while_streaming(anonymous, api, fake_openai, settings):
     settings.CHAT_STREAM_SAVE_INTERVAL = 0.1
     fake_openai.latency = 1.0
     fake_openai.stream_chunks = 10
-    started = await services.start_message(prompt="one two three four five six", stream=True)
+    started = await messages.message_start(
+        owner=anonymous, prompt="one two three four five six", stream=True
+    )
     await asyncio.sleep(0.5)
     midway = await Message.objects.aget(pk=started.message.pk)
     assert midway.status == "streaming"
     assert 0 < len(midway.response) < len("Echo: one two three four five six")
-    await streams.get(started.message.pk).wait()
+    await generations.get(started.message.pk).wait()
     final = await Message.objects.aget(pk=started.message.pk)
     assert final.status == "completed" and final.response == "Echo: one two three four five six"
 
 
-async def test_reattach_replays_then_follows_live(async_client, fake_openai):
+async def test_reattach_replays_then_follows_live(anonymous, api, fake_openai):
     fake_openai.latency = 0.6
     fake_openai.stream_chunks = 6
-    started = await services.start_message(prompt="follow me closely now", stream=True)
+    started = await messages.message_start(
+        owner=anonymous, prompt="follow me closely now", stream=True
+    )
     await asyncio.sleep(0.25)  # some deltas are out already
 
-    response = await async_client.get(f"/api/messages/{started.message.pk}/stream/")
+    response = await api.get(f"/api/messages/{started.message.pk}/stream/")
     assert response.status_code == 200
-    events = parse_sse(await read_streaming(response))
+    events = parse_sse(response.text)
 
     assert events[0].event == "start"
     deltas = [e.data["content"] for e in events if e.event == "delta"]
@@ -137,10 +133,10 @@ async def test_reattach_replays_then_follows_live(async_client, fake_openai):
     assert events[-1].data["status"] == "completed"
 
 
-async def test_reattach_to_a_finished_message_gives_the_final_message(async_client, fake_openai):
-    message, _ = await services.send_message(prompt="done already")
-    response = await async_client.get(f"/api/messages/{message.pk}/stream/")
-    events = parse_sse(await read_streaming(response))
+async def test_reattach_to_a_finished_message_gives_the_final_message(anonymous, api, fake_openai):
+    message = (await messages.message_send(owner=anonymous, prompt="done already")).message
+    response = await api.get(f"/api/messages/{message.pk}/stream/")
+    events = parse_sse(response.text)
     assert [e.event for e in events] == ["start", "delta", "message"]
     assert events[-1].data["response"] == "Echo: done already"
 
@@ -160,15 +156,15 @@ async def test_reattach_to_a_generation_in_another_process_follows_the_database(
         )
 
     finisher = asyncio.create_task(other_process_finishes())
-    events = [e async for e in services.follow_message(message_id=message.pk)]
+    events = [e async for e in messages.message_follow(message=message)]
     await finisher
-    text = "".join(e.text for e in events if isinstance(e, streams.TextDelta))
+    text = "".join(e.text for e in events if isinstance(e, generations.TextDelta))
     assert text == "Echo: elsewhere"
-    assert isinstance(events[-1], streams.Finished) and events[-1].error is None
+    assert isinstance(events[-1], generations.Finished) and events[-1].error is None
 
 
-async def test_reattach_to_unknown_message_is_a_json_404(async_client):
-    response = await async_client.get("/api/messages/424242/stream/")
+async def test_reattach_to_unknown_message_is_a_json_404(api):
+    response = await api.get("/api/messages/424242/stream/")
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "not_found"
 
@@ -176,33 +172,29 @@ async def test_reattach_to_unknown_message_is_a_json_404(async_client):
 # --- Idempotency ------------------------------------------------------------------------------
 
 
-async def test_a_retried_post_with_the_same_key_returns_the_same_message(async_client, fake_openai):
+async def test_a_retried_post_with_the_same_key_returns_the_same_message(api, fake_openai):
     body = json.dumps({"prompt_message": "once"})
     headers = {"Idempotency-Key": "key-1"}
-    first = await async_client.post(
-        CREATE_URL, body, content_type="application/json", headers=headers
-    )
-    second = await async_client.post(
-        CREATE_URL, body, content_type="application/json", headers=headers
-    )
+    first = await api.post(CREATE_URL, content=body, headers={**JSON, **headers})
+    second = await api.post(CREATE_URL, content=body, headers={**JSON, **headers})
 
     assert first.status_code == second.status_code == 201
     assert first.json() == second.json()
-    assert second["Idempotent-Replayed"] == "true"
+    assert second.headers["Idempotent-Replayed"] == "true"
     assert len(fake_openai.chat_requests()) == 1
     assert await Message.objects.acount() == 1
 
 
 async def test_two_racing_requests_with_the_same_key_make_one_message_and_one_call(
-    async_client, fake_openai
+    api, fake_openai
 ):
     fake_openai.latency = 0.4
     body = json.dumps({"prompt_message": "race"})
     headers = {"Idempotency-Key": "race-key"}
 
     first, second = await asyncio.gather(
-        async_client.post(CREATE_URL, body, content_type="application/json", headers=headers),
-        async_client.post(CREATE_URL, body, content_type="application/json", headers=headers),
+        api.post(CREATE_URL, content=body, headers={**JSON, **headers}),
+        api.post(CREATE_URL, content=body, headers={**JSON, **headers}),
     )
 
     assert first.status_code == second.status_code == 201
@@ -212,56 +204,47 @@ async def test_two_racing_requests_with_the_same_key_make_one_message_and_one_ca
     assert await Message.objects.acount() == 1
 
 
-async def test_reusing_a_key_with_another_body_is_a_422(async_client, fake_openai):
+async def test_reusing_a_key_with_another_body_is_a_422(api, fake_openai):
     headers = {"Idempotency-Key": "key-2"}
-    await async_client.post(
-        CREATE_URL, '{"prompt_message": "a"}', content_type="application/json", headers=headers
-    )
-    response = await async_client.post(
-        CREATE_URL, '{"prompt_message": "b"}', content_type="application/json", headers=headers
+    await api.post(CREATE_URL, content='{"prompt_message": "a"}', headers={**JSON, **headers})
+    response = await api.post(
+        CREATE_URL, content='{"prompt_message": "b"}', headers={**JSON, **headers}
     )
     assert response.status_code == 422
     assert response.json()["error"]["code"] == "idempotency_key_reused"
     assert len(fake_openai.chat_requests()) == 1
 
 
-async def test_a_replayed_failure_answers_the_same_error_without_calling_again(
-    async_client, fake_openai
-):
+async def test_a_replayed_failure_answers_the_same_error_without_calling_again(api, fake_openai):
     fake_openai.fail_next("500")
     headers = {"Idempotency-Key": "key-3"}
     body = '{"prompt_message": "fails"}'
-    first = await async_client.post(
-        CREATE_URL, body, content_type="application/json", headers=headers
-    )
-    second = await async_client.post(
-        CREATE_URL, body, content_type="application/json", headers=headers
-    )
+    first = await api.post(CREATE_URL, content=body, headers={**JSON, **headers})
+    second = await api.post(CREATE_URL, content=body, headers={**JSON, **headers})
     assert first.status_code == second.status_code == 502
     assert first.json()["error"]["message_id"] == second.json()["error"]["message_id"]
     assert len(fake_openai.chat_requests()) == 1
 
 
-async def test_a_streamed_retry_with_the_same_key_reattaches(async_client, fake_openai):
+async def test_a_streamed_retry_with_the_same_key_reattaches(api, fake_openai):
     fake_openai.latency = 0.3
     headers = {"Idempotency-Key": "key-4"}
     first, second = await asyncio.gather(
-        post_stream(async_client, {"prompt_message": "s"}, headers=headers),
-        post_stream(async_client, {"prompt_message": "s"}, headers=headers),
+        post_stream(api, {"prompt_message": "s"}, headers=headers),
+        post_stream(api, {"prompt_message": "s"}, headers=headers),
     )
-    a = parse_sse(await read_streaming(first))
-    b = parse_sse(await read_streaming(second))
+    a = parse_sse(first.text)
+    b = parse_sse(second.text)
     assert a[-1].data["id"] == b[-1].data["id"]
     assert a[-1].data["response"] == b[-1].data["response"] == "Echo: s"
     assert len(fake_openai.chat_requests()) == 1
 
 
-async def test_a_blank_or_huge_idempotency_key_is_a_400(async_client, fake_openai):
-    response = await async_client.post(
+async def test_a_blank_or_huge_idempotency_key_is_a_400(api, fake_openai):
+    response = await api.post(
         CREATE_URL,
-        '{"prompt_message": "a"}',
-        content_type="application/json",
-        headers={"Idempotency-Key": "x" * 300},
+        content='{"prompt_message": "a"}',
+        headers={**JSON, "Idempotency-Key": "x" * 300},
     )
     assert response.status_code == 400
     assert "Idempotency-Key" in response.json()["error"]["fields"]
@@ -270,21 +253,25 @@ async def test_a_blank_or_huge_idempotency_key_is_a_400(async_client, fake_opena
 # --- Lifecycle --------------------------------------------------------------------------------
 
 
-async def test_shutdown_marks_generations_in_flight_interrupted_with_their_text(fake_openai):
+async def test_shutdown_marks_generations_in_flight_interrupted_with_their_text(
+    anonymous, fake_openai
+):
     fake_openai.latency = 3.0
     fake_openai.stream_chunks = 6
-    started = await services.start_message(prompt="long one two three", stream=True)
-    generation = streams.get(started.message.pk)
+    started = await messages.message_start(
+        owner=anonymous, prompt="long one two three", stream=True
+    )
+    generation = generations.get(started.message.pk)
     while not generation.text:
         await asyncio.sleep(0.05)
 
-    await services.on_server_shutdown()
+    await lifecycle.on_server_shutdown()
 
     stored = await Message.objects.aget(pk=started.message.pk)
     assert stored.status == "interrupted"
     assert stored.response and stored.response == generation.text
     assert stored.error_code == "generation_interrupted"
-    assert streams.get(started.message.pk) is None
+    assert generations.get(started.message.pk) is None
 
 
 async def test_startup_marks_stale_generations_of_dead_processes_interrupted(settings):
@@ -295,18 +282,18 @@ async def test_startup_marks_stale_generations_of_dead_processes_interrupted(set
         updated_at=timezone.now() - timezone.timedelta(minutes=5)
     )
 
-    await services.on_server_startup()
+    await lifecycle.on_server_startup()
 
     assert (await Message.objects.aget(pk=stale.pk)).status == "interrupted"
     assert (await Message.objects.aget(pk=fresh.pk)).status == "pending"
 
 
-async def test_a_quiet_stream_gets_keepalive_comments(async_client, fake_openai, settings):
+async def test_a_quiet_stream_gets_keepalive_comments(api, fake_openai, settings):
     settings.CHAT_SSE_KEEPALIVE_SECONDS = 0.05
     fake_openai.latency = 0.6
     fake_openai.stream_chunks = 2
-    response = await post_stream(async_client, {"prompt_message": "slow one"})
-    body = await read_streaming(response)
+    response = await post_stream(api, {"prompt_message": "slow one"})
+    body = response.text
     assert ": keep-alive\n\n" in body
     events = parse_sse(body)
     assert events[-1].event == "message"

@@ -58,6 +58,8 @@ def test_log_in_and_out_while_anonymous_use_is_allowed(new_page, service):
     account = chats(page)
     expect(account).to_contain_text("carol")
     account.get_by_role("button", name="Log out", exact=True).click()
+    expect(page.get_by_role("heading", name="Log in to Chat")).to_be_visible()
+    page.get_by_role("link", name="Continue without an account").click()
     page.locator("body.ready").wait_for()
     expect(chats(page).get_by_role("link", name="Log in", exact=True)).to_be_visible()
     expect(chats(page)).not_to_contain_text("carol")

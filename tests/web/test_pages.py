@@ -84,6 +84,7 @@ def test_the_vendored_libraries_carry_their_versions_and_licences():
         assert hashlib.sha256((vendor / name).read_bytes()).hexdigest() == digest, name
 
 
+@pytest.mark.django_db(transaction=True)  # the API's ORM runs on its own threads
 def test_the_setting_turns_the_page_off(client, settings):
     settings.CHAT_WEB_UI = False
     for path in ("/", "/login/", "/logout/"):
@@ -93,6 +94,7 @@ def test_the_setting_turns_the_page_off(client, settings):
     assert client.get("/api/messages/").status_code == 200  # the API is untouched
 
 
+@pytest.mark.django_db(transaction=True)  # the API's ORM runs on its own threads
 def test_the_other_routes_are_kept(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/api/conversations/").status_code == 200
@@ -126,7 +128,7 @@ def test_logging_in_and_out(client, settings):
 
     assert client.get("/logout/").status_code == 405  # POST only (a CSRF-protected form)
     response = client.post("/logout/")
-    assert response.status_code == 302 and response["Location"] == "/"
+    assert response.status_code == 302 and response["Location"] == "/login/"
     assert "Log in" in client.get("/").content.decode()
 
 

@@ -1,0 +1,313 @@
+"""Generating a reply: the detached task that calls the model, publishes its text to followers,
+saves partial text while streaming, and stores the outcome.
+
+Rules that hold here:
+- no transaction is ever open across a model call or a stream: the prompt was committed before
+  the task starts, partial text and the outcome are each one short write;
+- whatever happens (upstream failure, a stop request, shutdown, a bug of ours) the message ends
+  in a final status and every follower gets `Finished`;
+- failures are stored on the message (status, error code and message) and raised to followers
+  as `chat.errors.UpstreamError`s that name the stored message's id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Literal
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Case, Q, Value, When
+from django.utils import timezone
+
+from chat import db, generations, llm
+from chat.errors import (
+    ApplicationError,
+    GenerationInterrupted,
+    InternalError,
+    UpstreamTruncated,
+)
+from chat.generations import Finished, Generation, TextDelta
+from chat.models import IN_PROGRESS_STATUSES, Conversation, Message, MessageStatus
+
+logger = logging.getLogger(__name__)
+
+StopReason = Literal["user", "shutdown"]
+
+
+@dataclass(frozen=True)
+class PreparedGeneration:
+    """A stored message, ready to generate its reply."""
+
+    message: Message
+    turns: list[llm.ChatTurn]
+    options: llm.GenerationOptions
+    # The message started a new conversation (which the model may title).
+    new_conversation: bool = False
+
+
+def launch(prepared: PreparedGeneration, *, stream: bool) -> Generation:
+    """Start generating the reply of a stored (pending) message as a detached task."""
+    return generations.start(
+        prepared.message.pk, lambda generation: _generate(generation, prepared, stream)
+    )
+
+
+def stop(generation: Generation, *, reason: StopReason) -> None:
+    """Stop a generation of this process; it stores its text so far and finishes."""
+    generation.cancel(reason)
+
+
+async def _produce(
+    generation: Generation, prepared: PreparedGeneration, stream: bool
+) -> llm.Completion:
+    """Call the model; publish the text to followers, saving partial text at an interval."""
+    if not stream:
+        completion = await llm.complete(messages=prepared.turns, options=prepared.options)
+        if completion.text:
+            generation.publish(TextDelta(completion.text))
+        if completion.refusal:
+            generation.publish(TextDelta(completion.refusal, refusal=True))
+        return completion
+    completion: llm.Completion | None = None
+    last_saved: float | None = None
+    save_interval = settings.CHAT_STREAM_SAVE_INTERVAL
+    message_id = prepared.message.pk
+    async for event in llm.stream(messages=prepared.turns, options=prepared.options):
+        if isinstance(event, llm.Delta):
+            generation.publish(TextDelta(event.text, refusal=event.refusal))
+            now = time.monotonic()
+            if last_saved is None or now - last_saved >= save_interval:
+                last_saved = now
+                await db.run(_record_partial, message_id, generation.text, generation.refusal)
+        else:
+            completion = event
+    assert completion is not None
+    return completion
+
+
+def _record_partial(message_id: int, text: str, refusal: str) -> None:
+    Message.objects.filter(pk=message_id, status__in=IN_PROGRESS_STATUSES).update(
+        response=text, refusal=refusal, status=MessageStatus.STREAMING, updated_at=timezone.now()
+    )
+
+
+_OUTCOME_FIELDS = [
+    "response",
+    "refusal",
+    "status",
+    "model",
+    "finish_reason",
+    "prompt_tokens",
+    "completion_tokens",
+    "latency_ms",
+    "error_code",
+    "error_message",
+    "completed_at",
+    "updated_at",
+]
+
+
+def _record_completion(message: Message, completion: llm.Completion) -> None:
+    message.response = completion.text
+    message.refusal = completion.refusal
+    refused = bool(completion.refusal) and not completion.text
+    message.status = MessageStatus.REFUSED if refused else MessageStatus.COMPLETED
+    message.model = completion.model
+    message.finish_reason = completion.finish_reason or ""
+    message.prompt_tokens = completion.prompt_tokens
+    message.completion_tokens = completion.completion_tokens
+    message.latency_ms = completion.latency_ms
+    message.error_code = message.error_message = ""
+    message.completed_at = timezone.now()
+    with transaction.atomic():
+        # An update of a row deleted meanwhile is an error, never a silent re-insert.
+        message.save(update_fields=_OUTCOME_FIELDS)
+
+
+def _record_stop(
+    message: Message,
+    *,
+    status: str,
+    error: ApplicationError | None,
+    text: str,
+    refusal: str,
+    latency_ms: int,
+) -> None:
+    message.response = text
+    message.refusal = refusal
+    message.status = status
+    message.error_code = error.code if error else ""
+    message.error_message = error.message if error else ""
+    message.latency_ms = latency_ms
+    message.completed_at = timezone.now()
+    with transaction.atomic():
+        message.save(update_fields=_OUTCOME_FIELDS)
+
+
+def _outcome_of_stop(generation: Generation) -> tuple[str, ApplicationError | None]:
+    if generation.stop_reason == "user":
+        return MessageStatus.CANCELLED, None
+    return MessageStatus.INTERRUPTED, GenerationInterrupted()
+
+
+async def _generate(generation: Generation, prepared: PreparedGeneration, stream: bool) -> None:
+    """Produce the reply and store the outcome."""
+    message = prepared.message
+    started = time.monotonic()
+    error: ApplicationError | None = None
+    status: str = MessageStatus.FAILED
+    cancelled = False
+    completion: llm.Completion | None = None
+    try:
+        completion = await _produce(generation, prepared, stream)
+    except ApplicationError as exc:
+        error = exc
+        if isinstance(exc, UpstreamTruncated):
+            status = MessageStatus.TRUNCATED
+    except asyncio.CancelledError:
+        cancelled = True
+        status, error = _outcome_of_stop(generation)
+    except Exception:  # a bug of ours: still never leave the message pending
+        logger.exception("generation of message %s failed", message.pk)
+        error = InternalError()
+
+    try:
+        if completion is not None:
+            await db.run(_record_completion, message, completion)
+        else:
+            if error is not None:
+                error.extra["message_id"] = message.pk
+            latency_ms = int((time.monotonic() - started) * 1000)
+            await db.run(
+                _record_stop,
+                message,
+                status=status,
+                error=error,
+                text=generation.text,
+                refusal=generation.refusal,
+                latency_ms=latency_ms,
+            )
+    except Exception:
+        logger.exception("could not store the outcome of message %s", message.pk)
+        error = error or InternalError(extra={"message_id": message.pk})
+    finally:
+        generation.finish(Finished(message, error))
+
+    if cancelled:
+        raise asyncio.CancelledError
+    if (
+        completion is not None
+        and message.status == MessageStatus.COMPLETED
+        and prepared.new_conversation
+        and settings.CHAT_TITLE_FROM_MODEL
+    ):
+        generations.run_detached(_title_from_model(message))
+
+
+TITLE_INSTRUCTION = (
+    "Write a title of at most six words for a conversation that starts with the message "
+    "below. Answer with the title only, no quotes."
+)
+TITLE_LENGTH = 60
+
+
+def auto_title(prompt: str) -> str:
+    """A conversation title cut from its first prompt, at a word boundary."""
+    text = " ".join(prompt.split())
+    if len(text) <= TITLE_LENGTH:
+        return text
+    cut = text[:TITLE_LENGTH].rsplit(" ", 1)[0] or text[:TITLE_LENGTH]
+    return cut + "…"
+
+
+def _set_generated_title(conversation_id: int, expected: str, title: str) -> None:
+    # Only if nobody renamed the conversation in the meantime.
+    Conversation.objects.filter(pk=conversation_id, title=expected).update(title=title)
+
+
+async def _title_from_model(message: Message) -> None:
+    """Best effort: a failure leaves the title cut from the prompt."""
+    try:
+        completion = await llm.complete(
+            messages=[
+                {"role": "system", "content": TITLE_INSTRUCTION},
+                {"role": "user", "content": message.prompt_message[:2000]},
+            ],
+            options=llm.GenerationOptions(model=settings.OPENAI_MODEL, max_tokens=20),
+        )
+    except ApplicationError as exc:
+        logger.info("title generation failed: %s", exc.code)
+        return
+    title = " ".join(completion.text.strip().strip('"').split())[:200]
+    if title:
+        await db.run(
+            _set_generated_title,
+            message.conversation_id,
+            auto_title(message.prompt_message),
+            title,
+        )
+
+
+# --- Orphans: generations whose process died ------------------------------------------------
+
+
+def interrupt_orphans(*, message_ids: list[int] | None = None) -> list[int]:
+    """Store as `interrupted` (with the text saved so far) every generation whose process has
+    not marked it alive for CHAT_GENERATION_DEAD_AFTER seconds: its process died, on whatever
+    host. Safe to run from any number of processes at once. Returns the ids interrupted."""
+    now = timezone.now()
+    stale = Q(
+        status__in=IN_PROGRESS_STATUSES,
+        updated_at__lt=now - timedelta(seconds=settings.CHAT_GENERATION_DEAD_AFTER),
+    )
+    candidates = Message.objects.filter(stale)
+    if message_ids is not None:
+        candidates = candidates.filter(pk__in=message_ids)
+    interrupted = []
+    for message_id in candidates.values_list("id", flat=True)[:500]:
+        with transaction.atomic():
+            # Conditional: a process that is alive after all, or another sweeper, wins.
+            # A generation its user had asked to stop ends as they asked: cancelled.
+            updated = Message.objects.filter(stale, pk=message_id).update(
+                status=Case(
+                    When(cancel_requested=True, then=Value(MessageStatus.CANCELLED)),
+                    default=Value(MessageStatus.INTERRUPTED),
+                ),
+                error_code=Case(
+                    When(cancel_requested=True, then=Value("")),
+                    default=Value(GenerationInterrupted.code),
+                ),
+                error_message=Case(
+                    When(cancel_requested=True, then=Value("")),
+                    default=Value(GenerationInterrupted.default_message),
+                ),
+                completed_at=now,
+                updated_at=now,
+            )
+        if updated:
+            interrupted.append(message_id)
+    return interrupted
+
+
+def mark_alive(*, message_ids: list[int]) -> None:
+    """The heartbeat of this process's generations (see `interrupt_orphans`)."""
+    now = timezone.now()
+    for start in range(0, len(message_ids), 500):
+        Message.objects.filter(
+            pk__in=message_ids[start : start + 500], status__in=IN_PROGRESS_STATUSES
+        ).update(updated_at=now)
+
+
+def stop_requested(*, message_ids: list[int]) -> list[int]:
+    """Which of these messages a user asked to stop (possibly through another process)."""
+    found: list[int] = []
+    for start in range(0, len(message_ids), 500):
+        found += Message.objects.filter(
+            pk__in=message_ids[start : start + 500], cancel_requested=True
+        ).values_list("id", flat=True)
+    return found
