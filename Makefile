@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-postgres lint format bench bench-context bench-transport postman screenshots ci clean
+.PHONY: install run test test-postgres lint format bench bench-context bench-deep postman screenshots ci clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,9 +41,18 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# Benchmarks (BENCHMARKS.md): `make bench BENCH_ARGS="--scenario stream-500"`; `python -m bench -h`.
 bench: $(STAMP)
 	mkdir -p var/static
-	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+bench-deep: $(STAMP)
+	mkdir -p var/static
+	$(BIN)/python -m bench --scenario deep-history $(BENCH_ARGS)
+
+bench-context: $(STAMP)
+	mkdir -p var/static
+	$(BIN)/python -m bench context $(BENCH_ARGS)
 
 postman: $(STAMP)
 	bash postman/run.sh
@@ -54,9 +63,3 @@ screenshots: $(STAMP)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache
-
-bench-context: $(STAMP)
-	$(BIN)/python bench/context_bench.py $(BENCH_ARGS)
-
-bench-transport: $(STAMP)
-	$(BIN)/python bench/transport_bench.py $(BENCH_ARGS)

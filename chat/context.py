@@ -26,6 +26,8 @@ class Context:
     message_ids: list[int]
     # Tokens of the new prompt's text alone: the message caches it for later contexts.
     prompt_token_count: int
+    # Tokens of everything sent (framing included), as counted offline.
+    token_count: int
 
 
 def token_budget(model: str) -> int:
@@ -92,5 +94,8 @@ def build_context(
         turns.append({"role": "assistant", "content": earlier.response})
     turns.append({"role": "user", "content": prompt})
     return Context(
-        turns=turns, message_ids=[m.pk for m in kept], prompt_token_count=prompt_token_count
+        turns=turns,
+        message_ids=[m.pk for m in kept],
+        prompt_token_count=prompt_token_count,
+        token_count=used,
     )

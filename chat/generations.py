@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -118,6 +119,10 @@ class Generation:
         finally:
             self._followers.discard(queue)
 
+
+# This process's identity as the owner of budget reservations (billing): fresh in every process,
+# never a pid, so it stays unique across hosts and restarts.
+WORKER_ID = uuid.uuid4().hex
 
 _current: dict[int, Generation] = {}
 _tasks: set[asyncio.Task] = set()

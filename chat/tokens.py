@@ -53,3 +53,22 @@ def counter_for_model(model: str) -> Counter:
 
 def count_text(text: str, *, model: str) -> int:
     return counter_for_model(model).count(text)
+
+
+def count_turns(turns: list[dict[str, str]], *, model: str) -> int:
+    """Tokens of a whole request's messages, framing included, as counted offline."""
+    counter = counter_for_model(model)
+    return TOKENS_PER_REPLY + sum(TOKENS_PER_TURN + counter.count(t["content"]) for t in turns)
+
+
+def prompt_tokens_upper_bound(turns: list[dict[str, str]], *, model: str, counted: int) -> int:
+    """What upstream can charge at most for these messages, for budget reservations.
+
+    For an OpenAI encoding the offline count is exact but for the framing, which varies a
+    little between models: one token per message of margin. For other models the estimate of
+    4 characters a token can be far off (other scripts, other tokenizers), so the bound is the
+    text's UTF-8 length: every byte-level BPE token covers at least one byte.
+    """
+    if counter_for_model(model).exact:
+        return counted + len(turns)
+    return TOKENS_PER_REPLY + sum(TOKENS_PER_TURN + len(t["content"].encode()) for t in turns)

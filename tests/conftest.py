@@ -46,6 +46,15 @@ def _fresh_anonymous_user() -> Iterator[None]:
     users.forget_anonymous_user()
 
 
+@pytest.fixture(autouse=True)
+def _no_request_limits(settings) -> None:
+    """Most tests send more than the anonymous rate limit allows, several at once: limits are
+    off unless a test sets them (tests/billing, tests/chat/test_limits.py)."""
+    settings.CHAT_THROTTLE_ANON = ""
+    settings.CHAT_THROTTLE_USER = ""
+    settings.CHAT_MAX_CONCURRENT_PER_USER = 0
+
+
 @pytest.fixture(scope="session")
 def fake_openai_server() -> Iterator[FakeOpenAI]:
     with FakeOpenAI() as server:

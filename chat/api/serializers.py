@@ -7,6 +7,7 @@ from django.conf import settings
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from billing.money import usd_str
 from chat.api.converters import MAX_ID
 from chat.models import Conversation, Message
 
@@ -125,7 +126,7 @@ class MessageCreateSerializer(GenerationSettingsMixin, serializers.Serializer):
         return value
 
 
-class UsageSerializer(serializers.Serializer):
+class TokenUsageSerializer(serializers.Serializer):
     prompt_tokens = serializers.IntegerField(allow_null=True)
     completion_tokens = serializers.IntegerField(allow_null=True)
     total_tokens = serializers.IntegerField(allow_null=True)
@@ -143,6 +144,9 @@ class MessageSerializer(serializers.ModelSerializer):
         help_text="The model's explanation when it declined to answer (status `refused`).",
     )
     usage = serializers.SerializerMethodField()
+    cost_usd = serializers.SerializerMethodField(
+        help_text="What this reply was charged, in USD (a decimal string); null until charged."
+    )
     error = serializers.SerializerMethodField()
 
     class Meta:
@@ -160,6 +164,7 @@ class MessageSerializer(serializers.ModelSerializer):
             "max_tokens",
             "finish_reason",
             "usage",
+            "cost_usd",
             "latency_ms",
             "error",
             "completed_at",
@@ -185,6 +190,7 @@ class MessageSerializer(serializers.ModelSerializer):
             "max_tokens": message.max_tokens,
             "finish_reason": message.finish_reason,
             "usage": self.get_usage(message),
+            "cost_usd": self.get_cost_usd(message),
             "latency_ms": message.latency_ms,
             "error": self.get_error(message),
             "completed_at": _iso(message.completed_at),
@@ -196,7 +202,11 @@ class MessageSerializer(serializers.ModelSerializer):
     def get_refusal(self, message: Message) -> str | None:
         return message.refusal or None
 
-    @extend_schema_field(UsageSerializer)
+    @extend_schema_field(serializers.CharField(allow_null=True))
+    def get_cost_usd(self, message: Message) -> str | None:
+        return None if message.cost is None else usd_str(message.cost)
+
+    @extend_schema_field(TokenUsageSerializer)
     def get_usage(self, message: Message) -> dict[str, int | None]:
         return {
             "prompt_tokens": message.prompt_tokens,
@@ -261,3 +271,61 @@ class PaginatedConversationSerializer(serializers.Serializer):
     next = serializers.URLField(allow_null=True)
     previous = serializers.URLField(allow_null=True)
     results = ConversationSerializer(many=True)
+
+
+class ModelSerializer(serializers.Serializer):
+    id = serializers.CharField()
+    input_usd_per_million = serializers.CharField(help_text="USD per million prompt tokens.")
+    output_usd_per_million = serializers.CharField(help_text="USD per million reply tokens.")
+
+
+class ModelListSerializer(serializers.Serializer):
+    """The models a request may choose (schema only)."""
+
+    default = serializers.CharField()
+    results = ModelSerializer(many=True)
+
+
+class UsageQuerySerializer(serializers.Serializer):
+    """`?from=&to=` of the usage report (their names are Python keywords)."""
+
+    def get_fields(self) -> dict[str, serializers.Field]:
+        return {
+            "from": serializers.DateField(required=False),
+            "to": serializers.DateField(required=False),
+        }
+
+
+class UsageUserSerializer(serializers.Serializer):
+    username = serializers.CharField()
+    anonymous = serializers.BooleanField()
+
+
+class UsageDaySerializer(serializers.Serializer):
+    day = serializers.DateField()
+    model = serializers.CharField()
+    requests = serializers.IntegerField()
+    prompt_tokens = serializers.IntegerField()
+    completion_tokens = serializers.IntegerField()
+    cost_usd = serializers.CharField()
+
+
+class UsageReportSerializer(serializers.Serializer):
+    """The usage report (schema only). Money is in USD, as decimal strings."""
+
+    user = UsageUserSerializer()
+    period = serializers.ChoiceField(choices=["day", "week", "month"])
+    period_start = serializers.DateTimeField()
+    period_end = serializers.DateTimeField(help_text="Exclusive: when the budget resets.")
+    budget_usd = serializers.CharField(allow_null=True, help_text="Null: unlimited.")
+    spent_usd = serializers.CharField()
+    reserved_usd = serializers.CharField(help_text="Held by replies being generated.")
+    remaining_usd = serializers.CharField(allow_null=True, help_text="Null: unlimited.")
+    in_flight = serializers.IntegerField(help_text="Replies being generated now.")
+    days = UsageDaySerializer(many=True)
+
+    def get_fields(self) -> dict[str, serializers.Field]:
+        fields = super().get_fields()
+        fields["from"] = serializers.DateField()
+        fields["to"] = serializers.DateField()
+        return fields

@@ -41,4 +41,5 @@ urlpatterns = [
         name="conversation-export",
     ),
     path("models/", views.ModelListView.as_view(), name="model-list"),
+    path("usage/", views.UsageView.as_view(), name="usage"),
 ]

@@ -6,6 +6,8 @@ anonymous user while anonymous use is on. Another user's ids are simply not foun
 
 from __future__ import annotations
 
+from datetime import timedelta
+from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
@@ -24,6 +26,9 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from billing.money import usd_str
+from billing.prices import price_for
+from billing.selectors import budget_status, usage_summary
 from chat import db, exports, selectors
 from chat.api import sse
 from chat.api.base import APIView
@@ -33,9 +38,12 @@ from chat.api.serializers import (
     ConversationSerializer,
     MessageCreateSerializer,
     MessageSerializer,
+    ModelListSerializer,
     PaginatedConversationSerializer,
     PaginatedMessageSerializer,
     RegenerateSerializer,
+    UsageQuerySerializer,
+    UsageReportSerializer,
 )
 from chat.errors import InvalidRequest
 from chat.models import Message
@@ -44,6 +52,8 @@ from chat.services import conversations, lifecycle, messages
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 IDEMPOTENCY_META_KEY = "HTTP_IDEMPOTENCY_KEY"  # how Django stores the header in request.META
 IDEMPOTENCY_KEY_MAX_LENGTH = 255
+# The longest span of days one usage report covers.
+USAGE_MAX_DAYS = 366
 
 ERROR_EXAMPLE = {
     "error": {
@@ -161,6 +171,7 @@ class MessageCreateView(APIView):
             "temperature": data.get("temperature"),
             "max_tokens": data.get("max_tokens"),
             "idempotency_key": _idempotency_key(request),
+            "client_ip": self.client_ip,
         }
         if _wants_stream(request, data):
             started = await messages.message_start(stream=True, **fields)
@@ -256,6 +267,7 @@ class MessageRegenerateView(APIView):
             temperature=data.get("temperature"),
             max_tokens=data.get("max_tokens"),
             stream=stream,
+            client_ip=self.client_ip,
         )
         if stream:
             return _event_stream(message)
@@ -378,14 +390,77 @@ class ConversationExportView(APIView):
 class ModelListView(APIView):
     @extend_schema(
         operation_id="models_list",
-        summary="The models a message or conversation may choose",
-        responses={200: OpenApiTypes.OBJECT},
+        summary="The models a message or conversation may choose, with their prices",
+        responses=ModelListSerializer,
     )
     async def get(self, request: Request) -> Response:
         return Response(
             {
                 "default": settings.OPENAI_MODEL,
-                "results": [{"id": model} for model in settings.OPENAI_ALLOWED_MODELS],
+                "results": [
+                    {
+                        "id": model,
+                        "input_usd_per_million": _plain(price_for(model).input),
+                        "output_usd_per_million": _plain(price_for(model).output),
+                    }
+                    for model in settings.OPENAI_ALLOWED_MODELS
+                ],
+            }
+        )
+
+
+def _plain(amount: Decimal) -> str:
+    return format(amount.normalize(), "f")
+
+
+class UsageView(APIView):
+    @extend_schema(
+        operation_id="usage_retrieve",
+        summary="Your budget, spending and usage",
+        description=(
+            "The current period's budget, spent, reserved (calls in flight) and remaining, in "
+            "USD as decimal strings, and tokens and cost by day and model between `from` and "
+            "`to` (inclusive UTC dates; default: the current period)."
+        ),
+        parameters=[
+            OpenApiParameter("from", OpenApiTypes.DATE, description="First day (UTC)."),
+            OpenApiParameter("to", OpenApiTypes.DATE, description="Last day (UTC), inclusive."),
+        ],
+        responses=UsageReportSerializer,
+    )
+    def get(self, request: Request) -> Response:
+        dates = UsageQuerySerializer(data=request.query_params)
+        dates.is_valid(raise_exception=True)
+        status_now = budget_status(user=self.owner)
+        date_from = dates.validated_data.get("from") or status_now.period_start.date()
+        date_to = (
+            dates.validated_data.get("to") or (status_now.period_end - timedelta(days=1)).date()
+        )
+        if date_from > date_to:
+            raise _invalid("from", "Must be on or before `to`.")
+        if (date_to - date_from).days > USAGE_MAX_DAYS:
+            raise _invalid("to", f"At most {USAGE_MAX_DAYS} days after `from`.")
+        summary = usage_summary(user=self.owner, date_from=date_from, date_to=date_to)
+        return Response(
+            {
+                "user": {
+                    "username": self.owner.get_username(),
+                    "anonymous": self.client_ip is not None,
+                },
+                **status_now.as_dict(),
+                "from": date_from.isoformat(),
+                "to": date_to.isoformat(),
+                "days": [
+                    {
+                        "day": row.day.isoformat(),
+                        "model": row.model,
+                        "requests": row.requests,
+                        "prompt_tokens": row.prompt_tokens,
+                        "completion_tokens": row.completion_tokens,
+                        "cost_usd": usd_str(row.cost),
+                    }
+                    for row in summary.rows
+                ],
             }
         )
 

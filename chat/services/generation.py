@@ -24,11 +24,16 @@ from django.db import transaction
 from django.db.models import Case, Q, Value, When
 from django.utils import timezone
 
-from chat import db, generations, llm
+from billing import services as billing
+from billing.models import LedgerKind, Reservation
+from chat import db, generations, live, llm, tokens
 from chat.errors import (
     ApplicationError,
+    BudgetExceeded,
     GenerationInterrupted,
     InternalError,
+    TooManyConcurrent,
+    UpstreamTimeout,
     UpstreamTruncated,
 )
 from chat.generations import Finished, Generation, TextDelta
@@ -46,6 +51,10 @@ class PreparedGeneration:
     message: Message
     turns: list[llm.ChatTurn]
     options: llm.GenerationOptions
+    # Tokens of the turns as counted offline: what is charged when upstream reports no usage.
+    counted_tokens: int
+    # The budget reservation that the outcome settles.
+    reservation_id: int | None
     # The message started a new conversation (which the model may title).
     new_conversation: bool = False
 
@@ -62,16 +71,26 @@ def stop(generation: Generation, *, reason: StopReason) -> None:
     generation.cancel(reason)
 
 
+def _publish(generation: Generation, publisher: live.Publisher | None, delta: TextDelta) -> None:
+    generation.publish(delta)
+    if publisher is not None:
+        publisher.delta(delta)
+
+
 async def _produce(
-    generation: Generation, prepared: PreparedGeneration, stream: bool
+    generation: Generation,
+    prepared: PreparedGeneration,
+    stream: bool,
+    publisher: live.Publisher | None,
 ) -> llm.Completion:
-    """Call the model; publish the text to followers, saving partial text at an interval."""
+    """Call the model; publish the text to followers (in this process, and through Redis in
+    others), saving partial text at an interval."""
     if not stream:
         completion = await llm.complete(messages=prepared.turns, options=prepared.options)
         if completion.text:
-            generation.publish(TextDelta(completion.text))
+            _publish(generation, publisher, TextDelta(completion.text))
         if completion.refusal:
-            generation.publish(TextDelta(completion.refusal, refusal=True))
+            _publish(generation, publisher, TextDelta(completion.refusal, refusal=True))
         return completion
     completion: llm.Completion | None = None
     last_saved: float | None = None
@@ -79,7 +98,7 @@ async def _produce(
     message_id = prepared.message.pk
     async for event in llm.stream(messages=prepared.turns, options=prepared.options):
         if isinstance(event, llm.Delta):
-            generation.publish(TextDelta(event.text, refusal=event.refusal))
+            _publish(generation, publisher, TextDelta(event.text, refusal=event.refusal))
             now = time.monotonic()
             if last_saved is None or now - last_saved >= save_interval:
                 last_saved = now
@@ -112,7 +131,39 @@ _OUTCOME_FIELDS = [
 ]
 
 
-def _record_completion(message: Message, completion: llm.Completion) -> None:
+def _settle(
+    prepared: PreparedGeneration,
+    *,
+    outcome: str,
+    usage: tuple[int, int] | None,
+    produced: str,
+    prompt_consumed: bool,
+) -> int | None:
+    """Charge the call to its user's budget (inside the caller's transaction, before it writes
+    the message: the billing account's lock comes first). With upstream's `usage` that is
+    exact; without it (a stream stopped or cut short, a server that reports none) the text is
+    counted: the prompt when upstream consumed it, and what was produced. Returns the cost."""
+    if prepared.reservation_id is None:
+        return None
+    if usage is not None:
+        prompt_tokens, completion_tokens = usage
+        source = "upstream"
+    else:
+        prompt_tokens = prepared.counted_tokens if prompt_consumed or produced else 0
+        completion_tokens = tokens.count_text(produced, model=prepared.options.model)
+        source = "counted"
+    entry = billing.settle(
+        reservation_id=prepared.reservation_id,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        usage_source=source,
+        outcome=outcome,
+    )
+    return entry.cost if entry is not None else None
+
+
+def _record_completion(prepared: PreparedGeneration, completion: llm.Completion) -> None:
+    message = prepared.message
     message.response = completion.text
     message.refusal = completion.refusal
     refused = bool(completion.refusal) and not completion.text
@@ -124,13 +175,23 @@ def _record_completion(message: Message, completion: llm.Completion) -> None:
     message.latency_ms = completion.latency_ms
     message.error_code = message.error_message = ""
     message.completed_at = timezone.now()
+    usage = None
+    if completion.prompt_tokens is not None and completion.completion_tokens is not None:
+        usage = (completion.prompt_tokens, completion.completion_tokens)
     with transaction.atomic():
+        message.cost = _settle(
+            prepared,
+            outcome=message.status,
+            usage=usage,
+            produced=completion.text + completion.refusal,
+            prompt_consumed=True,
+        )
         # An update of a row deleted meanwhile is an error, never a silent re-insert.
-        message.save(update_fields=_OUTCOME_FIELDS)
+        message.save(update_fields=[*_OUTCOME_FIELDS, "cost"])
 
 
 def _record_stop(
-    message: Message,
+    prepared: PreparedGeneration,
     *,
     status: str,
     error: ApplicationError | None,
@@ -138,6 +199,7 @@ def _record_stop(
     refusal: str,
     latency_ms: int,
 ) -> None:
+    message = prepared.message
     message.response = text
     message.refusal = refusal
     message.status = status
@@ -145,8 +207,14 @@ def _record_stop(
     message.error_message = error.message if error else ""
     message.latency_ms = latency_ms
     message.completed_at = timezone.now()
+    # Upstream consumed the prompt if it started answering, timed out, or was stopped while
+    # it worked; a refusal of the request itself (HTTP error) costs nothing.
+    consumed = status != MessageStatus.FAILED or isinstance(error, UpstreamTimeout)
     with transaction.atomic():
-        message.save(update_fields=_OUTCOME_FIELDS)
+        message.cost = _settle(
+            prepared, outcome=status, usage=None, produced=text + refusal, prompt_consumed=consumed
+        )
+        message.save(update_fields=[*_OUTCOME_FIELDS, "cost"])
 
 
 def _outcome_of_stop(generation: Generation) -> tuple[str, ApplicationError | None]:
@@ -163,8 +231,9 @@ async def _generate(generation: Generation, prepared: PreparedGeneration, stream
     status: str = MessageStatus.FAILED
     cancelled = False
     completion: llm.Completion | None = None
+    publisher = live.Publisher(message.pk) if live.is_enabled() else None
     try:
-        completion = await _produce(generation, prepared, stream)
+        completion = await _produce(generation, prepared, stream, publisher)
     except ApplicationError as exc:
         error = exc
         if isinstance(exc, UpstreamTruncated):
@@ -178,14 +247,14 @@ async def _generate(generation: Generation, prepared: PreparedGeneration, stream
 
     try:
         if completion is not None:
-            await db.run(_record_completion, message, completion)
+            await db.run(_record_completion, prepared, completion)
         else:
             if error is not None:
                 error.extra["message_id"] = message.pk
             latency_ms = int((time.monotonic() - started) * 1000)
             await db.run(
                 _record_stop,
-                message,
+                prepared,
                 status=status,
                 error=error,
                 text=generation.text,
@@ -197,6 +266,10 @@ async def _generate(generation: Generation, prepared: PreparedGeneration, stream
         error = error or InternalError(extra={"message_id": message.pk})
     finally:
         generation.finish(Finished(message, error))
+        if publisher is not None:
+            # After the outcome is stored: followers elsewhere read it when they see the end.
+            publisher.end()
+            await asyncio.shield(publisher.close())
 
     if cancelled:
         raise asyncio.CancelledError
@@ -230,20 +303,72 @@ def _set_generated_title(conversation_id: int, expected: str, title: str) -> Non
     Conversation.objects.filter(pk=conversation_id, title=expected).update(title=title)
 
 
-async def _title_from_model(message: Message) -> None:
-    """Best effort: a failure leaves the title cut from the prompt."""
-    try:
-        completion = await llm.complete(
-            messages=[
-                {"role": "system", "content": TITLE_INSTRUCTION},
-                {"role": "user", "content": message.prompt_message[:2000]},
-            ],
-            options=llm.GenerationOptions(model=settings.OPENAI_MODEL, max_tokens=20),
+def _reserve_title_call(message: Message, options: llm.GenerationOptions) -> int | None:
+    with transaction.atomic():
+        try:
+            reservation = billing.reserve(
+                user=message.owner_id,
+                model=options.model,
+                prompt_tokens=tokens.prompt_tokens_upper_bound(
+                    _title_turns(message),
+                    model=options.model,
+                    counted=tokens.count_turns(_title_turns(message), model=options.model),
+                ),
+                max_completion_tokens=options.completion_token_cap,
+                worker_id=generations.WORKER_ID,
+                message=message.pk,
+            )
+        except (BudgetExceeded, TooManyConcurrent):
+            return None
+    return reservation.pk
+
+
+def _settle_title_call(
+    reservation_id: int, message: Message, completion: llm.Completion | None
+) -> None:
+    usage = completion and (completion.prompt_tokens, completion.completion_tokens)
+    if usage is None or None in usage:
+        turns = _title_turns(message)
+        usage = (
+            tokens.count_turns(turns, model=settings.OPENAI_MODEL),
+            tokens.count_text(completion.text if completion else "", model=settings.OPENAI_MODEL),
         )
+        source = "counted"
+    else:
+        source = "upstream"
+    with transaction.atomic():
+        billing.settle(
+            reservation_id=reservation_id,
+            prompt_tokens=usage[0],
+            completion_tokens=usage[1],
+            usage_source=source,
+            outcome=MessageStatus.COMPLETED if completion else MessageStatus.FAILED,
+            kind=LedgerKind.TITLE,
+        )
+
+
+def _title_turns(message: Message) -> list[llm.ChatTurn]:
+    return [
+        {"role": "system", "content": TITLE_INSTRUCTION},
+        {"role": "user", "content": message.prompt_message[:2000]},
+    ]
+
+
+async def _title_from_model(message: Message) -> None:
+    """Best effort, charged to the message's user like any call: a failure, or a budget that
+    cannot cover it, leaves the title cut from the prompt."""
+    options = llm.GenerationOptions(model=settings.OPENAI_MODEL, max_tokens=20)
+    reservation_id = await db.run(_reserve_title_call, message, options)
+    if reservation_id is None:
+        return
+    completion = None
+    try:
+        completion = await llm.complete(messages=_title_turns(message), options=options)
     except ApplicationError as exc:
         logger.info("title generation failed: %s", exc.code)
-        return
-    title = " ".join(completion.text.strip().strip('"').split())[:200]
+    finally:
+        await asyncio.shield(db.run(_settle_title_call, reservation_id, message, completion))
+    title = " ".join(completion.text.strip().strip('"').split())[:200] if completion else ""
     if title:
         await db.run(
             _set_generated_title,
@@ -271,6 +396,9 @@ def interrupt_orphans(*, message_ids: list[int] | None = None) -> list[int]:
     interrupted = []
     for message_id in candidates.values_list("id", flat=True)[:500]:
         with transaction.atomic():
+            # The dead process's reservation is charged for what it produced (its text saved
+            # so far), before the message is written: the billing account's lock comes first.
+            _settle_orphan(message_id)
             # Conditional: a process that is alive after all, or another sweeper, wins.
             # A generation its user had asked to stop ends as they asked: cancelled.
             updated = Message.objects.filter(stale, pk=message_id).update(
@@ -289,9 +417,45 @@ def interrupt_orphans(*, message_ids: list[int] | None = None) -> list[int]:
                 completed_at=now,
                 updated_at=now,
             )
+            if not updated:
+                transaction.set_rollback(True)
         if updated:
             interrupted.append(message_id)
     return interrupted
+
+
+def _settle_orphan(message_id: int) -> None:
+    message = Message.objects.filter(pk=message_id).first()
+    for reservation in Reservation.objects.filter(message_id=message_id):
+        produced = (message.response + message.refusal) if message else ""
+        entry = billing.settle(
+            reservation_id=reservation.pk,
+            prompt_tokens=reservation.prompt_tokens,
+            completion_tokens=tokens.count_text(produced, model=reservation.model),
+            usage_source="counted",
+            outcome=MessageStatus.INTERRUPTED,
+        )
+        if entry is not None and message is not None:
+            Message.objects.filter(pk=message_id).update(cost=entry.cost)
+
+
+def settle_expired_reservations() -> int:
+    """Charge the reservations that expired without their generation's message being found
+    in progress (e.g. a title call of a dead process): each for its prompt. Returns how many."""
+    settled = 0
+    for reservation in billing.expired_reservations().exclude(
+        message__status__in=IN_PROGRESS_STATUSES
+    )[:500]:
+        with transaction.atomic():
+            entry = billing.settle(
+                reservation_id=reservation.pk,
+                prompt_tokens=reservation.prompt_tokens,
+                completion_tokens=0,
+                usage_source="counted",
+                outcome=MessageStatus.INTERRUPTED,
+            )
+        settled += entry is not None
+    return settled
 
 
 def mark_alive(*, message_ids: list[int]) -> None:

@@ -15,13 +15,16 @@ import contextlib
 import logging
 
 from django.conf import settings
+from redis.exceptions import RedisError
 
-from chat import db, generations, llm
+from billing import services as billing
+from chat import db, generations, live, llm
+from chat.redis_client import close_redis
 from chat.services import generation as generation_service
 
 logger = logging.getLogger(__name__)
 
-_maintenance: asyncio.Task | None = None
+_background: list[asyncio.Task] = []
 
 
 async def maintain_once(*, heartbeat: bool = True) -> None:
@@ -33,9 +36,11 @@ async def maintain_once(*, heartbeat: bool = True) -> None:
         for message_id in await db.run(generation_service.stop_requested, message_ids=list(live)):
             generation_service.stop(live[message_id], reason="user")
     if heartbeat:
-        if live:
+        if live or generations.pending_tasks():
             await db.run(generation_service.mark_alive, message_ids=list(live))
+            await db.run(billing.extend_reservations, worker_id=generations.WORKER_ID)
         interrupted = await db.run(generation_service.interrupt_orphans)
+        await db.run(generation_service.settle_expired_reservations)
         if interrupted:
             logger.warning(
                 "stored %d generations of dead processes as interrupted", len(interrupted)
@@ -57,27 +62,44 @@ async def _maintenance_loop() -> None:
             logger.exception("maintenance round failed")
 
 
+async def _stop_requests_loop() -> None:
+    """With Redis: stop this process's generations as soon as anyone asks (the database flag,
+    polled by the maintenance loop, is the fallback)."""
+    while True:
+        try:
+            async for message_id in live.stop_requests():
+                generation = generations.get(message_id)
+                if generation is not None:
+                    generation_service.stop(generation, reason="user")
+        except (RedisError, OSError):
+            logger.warning("listening for stop requests failed; retrying", exc_info=True)
+        await asyncio.sleep(1.0)
+
+
 async def on_server_startup() -> None:
     """Interrupt what dead processes left behind, then keep maintaining."""
-    global _maintenance
     interrupted = await db.run(generation_service.interrupt_orphans)
     if interrupted:
         logger.warning("stored %d generations of dead processes as interrupted", len(interrupted))
-    _maintenance = asyncio.get_running_loop().create_task(_maintenance_loop())
+    loop = asyncio.get_running_loop()
+    _background.append(loop.create_task(_maintenance_loop()))
+    if live.is_enabled():
+        _background.append(loop.create_task(_stop_requests_loop()))
 
 
 async def on_server_shutdown() -> None:
     """Stop this process's generations, each stored as interrupted with its partial text."""
-    global _maintenance
-    if _maintenance is not None:
-        _maintenance.cancel()
+    for task in _background:
+        task.cancel()
+    for task in _background:
         with contextlib.suppress(asyncio.CancelledError):
-            await _maintenance
-        _maintenance = None
+            await task
+    _background.clear()
     count = await generations.cancel_all()
     if count:
         logger.warning("interrupted %d generations at shutdown", count)
     await llm.close_client()
+    await close_redis()
     await asyncio.get_running_loop().run_in_executor(None, db.close_connections)
 
 

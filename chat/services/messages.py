@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -17,8 +18,11 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, transaction
 from django.utils import timezone
+from redis.exceptions import RedisError
 
-from chat import db, generations, llm, selectors
+from billing import limits
+from billing import services as billing
+from chat import db, generations, live, llm, selectors, tokens
 from chat.context import build_context
 from chat.errors import (
     ApplicationError,
@@ -33,6 +37,8 @@ from chat.generations import Finished, GenerationEvent, Heartbeat, TextDelta
 from chat.models import IN_PROGRESS_STATUSES, Conversation, Message, MessageStatus
 from chat.services import generation as generation_service
 from chat.services.generation import PreparedGeneration, auto_title
+
+logger = logging.getLogger(__name__)
 
 # How long a stop request waits for the generation to record its final state.
 STOP_WAIT_SECONDS = 10.0
@@ -54,6 +60,9 @@ class _Plan:
     turns: list[llm.ChatTurn]
     context_ids: list[int]
     prompt_token_count: int | None
+    # Tokens of all the turns as counted offline, and the most upstream can charge for them.
+    counted_tokens: int
+    reserved_tokens: int
     fingerprint: str
     # The message an earlier request with the same Idempotency-Key stored, if any.
     replay: Message | None = None
@@ -138,9 +147,22 @@ def _plan(
         except Message.DoesNotExist:
             pass
     if conversation is None:
-        # A first message sends no history: nothing to count until it becomes history.
+        # A first message sends no history.
         turns: list[llm.ChatTurn] = [{"role": "user", "content": prompt}]
-        return _Plan(None, options, turns, [], None, fingerprint, replay)
+        counted = tokens.count_turns(turns, model=options.model)
+        return _Plan(
+            conversation_id=None,
+            options=options,
+            turns=turns,
+            context_ids=[],
+            prompt_token_count=counted - tokens.TOKENS_PER_TURN - tokens.TOKENS_PER_REPLY,
+            counted_tokens=counted,
+            reserved_tokens=tokens.prompt_tokens_upper_bound(
+                turns, model=options.model, counted=counted
+            ),
+            fingerprint=fingerprint,
+            replay=replay,
+        )
     context = build_context(
         conversation_id=conversation.pk,
         prompt=prompt,
@@ -148,25 +170,46 @@ def _plan(
         system_prompt=conversation.system_prompt,
     )
     return _Plan(
-        conversation.pk,
-        options,
-        context.turns,
-        context.message_ids,
-        context.prompt_token_count,
-        fingerprint,
-        replay,
+        conversation_id=conversation.pk,
+        options=options,
+        turns=context.turns,
+        context_ids=context.message_ids,
+        prompt_token_count=context.prompt_token_count,
+        counted_tokens=context.token_count,
+        reserved_tokens=tokens.prompt_tokens_upper_bound(
+            context.turns, model=options.model, counted=context.token_count
+        ),
+        fingerprint=fingerprint,
+        replay=replay,
     )
 
 
 def _store_prompt(
     *, owner: AbstractBaseUser, plan: _Plan, prompt: str, idempotency_key: str | None
-) -> Message:
-    """Store the prompt as a pending message (and its new conversation), in one transaction
-    that locks the conversation: a conversation deleted meanwhile is a clear 400, never a
-    dangling message. Without an API key the prompt is stored as failed (retriable)."""
+) -> tuple[Message, int | None]:
+    """Store the prompt as a pending message (and its new conversation) with its budget
+    reservation, in one transaction: (message, reservation id).
+
+    The reservation comes first (it locks the user's billing account, which every admission of
+    theirs takes first, on any process): over the budget or the concurrency cap, nothing is
+    stored and nothing is sent upstream. The conversation is locked too: one deleted meanwhile
+    is a clear 400, never a dangling message. Without an API key the prompt is stored as failed
+    (retriable), with no reservation.
+    """
     now = timezone.now()
     options = plan.options
+    configured = llm.is_configured()
     with transaction.atomic():
+        reservation = None
+        if configured:
+            reservation = billing.reserve(
+                user=owner,
+                model=options.model,
+                prompt_tokens=plan.reserved_tokens,
+                max_completion_tokens=options.completion_token_cap,
+                worker_id=generations.WORKER_ID,
+                now=now,
+            )
         if plan.conversation_id is None:
             conversation = Conversation.objects.create(
                 owner=owner, title=auto_title(prompt), created_at=now, updated_at=now
@@ -195,13 +238,16 @@ def _store_prompt(
             idempotency_key=idempotency_key,
             request_fingerprint=plan.fingerprint,
         )
-        if not llm.is_configured():
+        if not configured:
             error = ServiceNotConfigured()
             message.status = MessageStatus.FAILED
             message.error_code, message.error_message = error.code, error.message
             message.completed_at = now
         message.save(force_insert=True)
-    return message
+        if reservation is not None:
+            reservation.message = message
+            reservation.save(update_fields=["message"])
+    return message, reservation.pk if reservation else None
 
 
 def _replay_after_race(*, owner: AbstractBaseUser, plan: _Plan, idempotency_key: str) -> Message:
@@ -228,13 +274,15 @@ async def message_start(
     max_tokens: int | None = None,
     stream: bool = False,
     idempotency_key: str | None = None,
+    client_ip: str | None = None,
 ) -> StartedMessage:
     """Store the prompt and start generating the reply in the background.
 
     Without `conversation_id` a new conversation is started. With an `idempotency_key` already
     used by an earlier request of this owner with the same body, the earlier message is returned
     (`replayed=True`) and nothing new is started; with a different body,
-    `IdempotencyKeyMismatch` is raised.
+    `IdempotencyKeyMismatch` is raised. Requests of anonymous users give their `client_ip`,
+    which their rate limit counts by.
     """
     request = {
         "owner": owner,
@@ -251,8 +299,9 @@ async def message_start(
         plan = await db.run(_plan, **request)  # type: ignore[arg-type]
     if plan.replay is not None:
         return StartedMessage(message=plan.replay, replayed=True)
+    await _throttle(owner, client_ip)
     try:
-        message = await db.run(
+        message, reservation_id = await db.run(
             _store_prompt, owner=owner, plan=plan, prompt=prompt, idempotency_key=idempotency_key
         )
     except IntegrityError:
@@ -266,11 +315,22 @@ async def message_start(
         raise ServiceNotConfigured(extra={"message_id": message.pk})
     generation_service.launch(
         PreparedGeneration(
-            message, plan.turns, plan.options, new_conversation=plan.conversation_id is None
+            message=message,
+            turns=plan.turns,
+            options=plan.options,
+            counted_tokens=plan.counted_tokens,
+            reservation_id=reservation_id,
+            new_conversation=plan.conversation_id is None,
         ),
         stream=stream,
     )
     return StartedMessage(message=message, replayed=False)
+
+
+async def _throttle(owner: AbstractBaseUser, client_ip: str | None) -> None:
+    """The rate limit of calls that reach the model: per user, or per client IP for anonymous
+    requests (`client_ip` is given for those only). Raises RateLimited."""
+    await limits.throttle(user_id=None if client_ip else owner.pk, client_ip=client_ip)
 
 
 async def message_send(
@@ -282,6 +342,7 @@ async def message_send(
     temperature: float | None = None,
     max_tokens: int | None = None,
     idempotency_key: str | None = None,
+    client_ip: str | None = None,
 ) -> StartedMessage:
     """Non-streaming use case: store the prompt, get the reply; the stored message once it is
     final, and whether it was an idempotent replay. Raises the generation's error if it
@@ -294,6 +355,7 @@ async def message_send(
         temperature=temperature,
         max_tokens=max_tokens,
         idempotency_key=idempotency_key,
+        client_ip=client_ip,
     )
     final = await message_wait(message=started.message)
     return StartedMessage(message=final, replayed=started.replayed)
@@ -322,25 +384,38 @@ def _prepare_regeneration(
     temperature: float | None,
     max_tokens: int | None,
 ) -> PreparedGeneration:
-    """Archive the current reply and reset the message for a new generation."""
+    """Reserve the budget, archive the current reply and reset the message for a new
+    generation, in one transaction."""
+    current = selectors.message_get(owner=owner, message_id=message_id)
+    conversation = current.conversation
+    options = _resolve_options(
+        None,
+        model=model or current.model or conversation.model,
+        temperature=temperature if temperature is not None else current.temperature,
+        max_tokens=max_tokens if max_tokens is not None else current.max_tokens,
+    )
+    context = build_context(
+        conversation_id=conversation.pk,
+        prompt=current.prompt_message,
+        model=options.model,
+        system_prompt=conversation.system_prompt,
+        before_id=current.pk,
+    )
     with transaction.atomic():
+        # The billing account's lock first, as every admission takes it (see _store_prompt).
+        reservation = billing.reserve(
+            user=owner,
+            model=options.model,
+            prompt_tokens=tokens.prompt_tokens_upper_bound(
+                context.turns, model=options.model, counted=context.token_count
+            ),
+            max_completion_tokens=options.completion_token_cap,
+            worker_id=generations.WORKER_ID,
+            message=current.pk,
+        )
         message = selectors.message_get(owner=owner, message_id=message_id, for_update=True)
         if not message.is_finished:
             raise MessageInProgress(extra={"message_id": message.pk})
-        conversation = message.conversation
-        options = _resolve_options(
-            None,
-            model=model or message.model or conversation.model,
-            temperature=temperature if temperature is not None else message.temperature,
-            max_tokens=max_tokens if max_tokens is not None else message.max_tokens,
-        )
-        context = build_context(
-            conversation_id=conversation.pk,
-            prompt=message.prompt_message,
-            model=options.model,
-            system_prompt=conversation.system_prompt,
-            before_id=message.pk,
-        )
         message.previous_replies = [*message.previous_replies, _archived_reply(message)]
         message.response = message.refusal = ""
         message.status = MessageStatus.PENDING
@@ -358,7 +433,13 @@ def _prepare_regeneration(
         message.prompt_token_count = context.prompt_token_count
         message.save()
         Conversation.objects.filter(pk=conversation.pk).update(updated_at=timezone.now())
-    return PreparedGeneration(message, context.turns, options)
+    return PreparedGeneration(
+        message=message,
+        turns=context.turns,
+        options=options,
+        counted_tokens=context.token_count,
+        reservation_id=reservation.pk,
+    )
 
 
 async def message_regenerate(
@@ -369,11 +450,14 @@ async def message_regenerate(
     temperature: float | None = None,
     max_tokens: int | None = None,
     stream: bool = False,
+    client_ip: str | None = None,
 ) -> Message:
     """Ask the model again for a stored prompt with the same context; the reply it replaces
     (or the failure) is kept in `previous_replies`. Also the way to retry a failed message."""
     if not llm.is_configured():
         raise ServiceNotConfigured(extra={"message_id": message_id})
+    await db.run(selectors.message_get, owner=owner, message_id=message_id)  # 404 first
+    await _throttle(owner, client_ip)
     prepared = await db.run(
         _prepare_regeneration,
         owner=owner,
@@ -409,34 +493,80 @@ async def message_follow(
     `Heartbeat` whenever `heartbeat` seconds pass without news. The caller has checked that
     the message is the requester's.
 
-    A generation of this process is followed live; one in another process (or one that already
-    ended) is read from the database, polled at the partial-save interval, until it ends — or
-    until its process is found dead (no heartbeat for CHAT_GENERATION_DEAD_AFTER seconds),
-    whereupon it is stored as interrupted: no follower waits forever.
+    A generation of this process is followed live. One in another process is followed live
+    through Redis when REDIS_URL is set, else read from the database, polled at the
+    partial-save interval. Either way it is followed until it ends — or until its process is
+    found dead (no heartbeat for CHAT_GENERATION_DEAD_AFTER seconds), whereupon it is stored
+    as interrupted: no follower waits forever.
     """
     generation = generations.get(message.pk)
     if generation is not None:
         async for event in generation.follow(heartbeat=heartbeat):
             yield event
         return
-    async for event in _follow_database(message, heartbeat):
+    sent = {False: "", True: ""}  # text already sent, by refusal or not
+    if not message.is_finished and live.is_enabled():
+        try:
+            async for event in _follow_live(message, heartbeat, sent):
+                yield event
+            return
+        except (RedisError, OSError):
+            logger.warning("following message %s through Redis failed", message.pk)
+    async for event in _follow_database(message, heartbeat, sent):
+        yield event
+
+
+def _news(state: Message, sent: dict[bool, str]) -> list[TextDelta]:
+    """What `state` holds beyond the text already `sent` (which it updates)."""
+    news = []
+    for refusal, text in ((False, state.response), (True, state.refusal)):
+        if len(text) > len(sent[refusal]) and text.startswith(sent[refusal]):
+            news.append(TextDelta(text[len(sent[refusal]) :], refusal=refusal))
+            sent[refusal] = text
+    return news
+
+
+async def _follow_live(
+    message: Message, heartbeat: float | None, sent: dict[bool, str]
+) -> AsyncIterator[GenerationEvent]:
+    async for event in live.follow(
+        message.pk, heartbeat=heartbeat or settings.CHAT_HEARTBEAT_INTERVAL
+    ):
+        if isinstance(event, TextDelta):
+            sent[event.refusal] += event.text
+            yield event
+            continue
+        # The end, or a quiet spell: the database says how it ended, or whether its process
+        # is still alive (a writer that died publishes no end).
+        state = await db.run(_poll, message.pk)
+        if state is None or state.is_finished:
+            break
+        if isinstance(event, live.Ended):  # regenerated since: the next generation goes on
+            continue
+        if heartbeat is not None:
+            yield Heartbeat()
+    async for event in _follow_database(state, heartbeat, sent, original=message):
         yield event
 
 
 async def _follow_database(
-    message: Message, heartbeat: float | None
+    message: Message | None,
+    heartbeat: float | None,
+    sent: dict[bool, str],
+    *,
+    original: Message | None = None,
 ) -> AsyncIterator[GenerationEvent]:
-    sent = {False: "", True: ""}  # text already sent, by refusal or not
     quiet_since = time.monotonic()
-    state: Message | None = message
+    state = message
     while True:
         if state is None:  # deleted meanwhile
-            yield Finished(message, rebuild("not_found", "The message was deleted.", extra={}))
+            yield Finished(
+                original or message, rebuild("not_found", "The message was deleted.", extra={})
+            )
             return
-        for refusal, text in ((False, state.response), (True, state.refusal)):
-            if len(text) > len(sent[refusal]) and text.startswith(sent[refusal]):
-                yield TextDelta(text[len(sent[refusal]) :], refusal=refusal)
-                sent[refusal], quiet_since = text, time.monotonic()
+        for delta in _news(state, sent):
+            yield delta
+            quiet_since = time.monotonic()
         if state.is_finished:
             yield Finished(state, _stored_error(state))
             return
@@ -444,7 +574,7 @@ async def _follow_database(
             yield Heartbeat()
             quiet_since = time.monotonic()
         await asyncio.sleep(settings.CHAT_STREAM_SAVE_INTERVAL)
-        state = await db.run(_poll, message.pk)
+        state = await db.run(_poll, state.pk)
 
 
 def _poll(message_id: int) -> Message | None:
@@ -491,8 +621,10 @@ async def message_cancel(*, owner: AbstractBaseUser, message_id: int) -> Message
         return message
     generation = generations.get(message_id)
     if generation is None:
-        # Another process runs it: it looks for stop requests every CHAT_CANCEL_POLL_INTERVAL.
+        # Another process runs it: told through Redis at once when configured; in any case it
+        # looks for stop requests in the database every CHAT_CANCEL_POLL_INTERVAL.
         await db.run(_request_stop, message_id)
+        await live.request_stop(message_id)
     else:
         generation_service.stop(generation, reason="user")
     try:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 
 import pytest
 
+from billing.prices import ModelPrice
 from chat import tokens
 from chat.models import Conversation, Message
 from tests.conftest import JSON
@@ -237,6 +239,10 @@ async def test_disallowed_parameters_are_a_400_naming_them(api, fake_openai, bod
 
 async def test_the_allow_list_comes_from_settings(api, fake_openai, settings):
     settings.OPENAI_ALLOWED_MODELS = ["gpt-3.5-turbo", "my-local-model"]
+    settings.CHAT_MODEL_PRICES = {
+        **settings.CHAT_MODEL_PRICES,
+        "my-local-model": ModelPrice("my-local-model", Decimal(0), Decimal(0)),
+    }
     ok = await send(api, prompt_message="hi", model="my-local-model")
     assert ok.status_code == 201
     refused = await send(api, prompt_message="hi", model="gpt-4o")

@@ -5,7 +5,7 @@ Creates conversations of 10, 1,000 and 10,000 completed turns in a throwaway SQL
 median and p95 wall time over many runs, the SQL queries per build, and the turns kept. The
 cost should stay flat: history is read newest first and reading stops when the budget is spent.
 
-    make bench-context                 # or: .venv/bin/python bench/context_bench.py --runs 200
+    make bench-context                 # or: .venv/bin/python -m bench context --runs 200
 """
 
 from __future__ import annotations
@@ -13,21 +13,18 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="10,1000,10000")
-    parser.add_argument("--runs", type=int, default=100)
-    parser.add_argument("--budget", type=int, default=4000)
-    args = parser.parse_args()
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench context", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--sizes", default="10,1000,10000", help="turns per conversation")
+    parser.add_argument("--runs", type=int, default=100, help="timed builds per conversation")
+    parser.add_argument("--budget", type=int, default=4000, help="context budget in tokens")
+    args = parser.parse_args(argv)
 
     tmp = tempfile.mkdtemp(prefix="context-bench-")
     os.environ.setdefault("DATABASE_URL", f"sqlite:///{tmp}/bench.sqlite3")
@@ -93,7 +90,3 @@ def main() -> int:
             f"{len(queries):>8} {len(context.message_ids):>11}"
         )
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
