@@ -57,7 +57,9 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp, FakeOpenAI(latency=0.2) as fake:
         database = prepare_database(Path(tmp) / "template.sqlite3")
-        service = start_service(Path(tmp) / "service", fake.url, database=database)
+        service = start_service(
+            Path(tmp) / "service", fake.url, database=database, CHAT_USER_BUDGET_USD="5"
+        )
         try:
             for title in OTHER_CHATS:
                 service.request("POST", "/api/conversations/", {"title": title})
