@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
-from tests.web.live import Service
-
 #: The users in the browser tests' databases (username: password).
 USERS = {"alice": "alice-pass-8731", "bob": "bob-pass-2209", "carol": "carol-pass-5150"}
 
@@ -37,18 +33,3 @@ def chats(page):
 
 def words(prefix: str, count: int) -> str:
     return " ".join(f"{prefix}{i}" for i in range(1, count + 1))
-
-
-def _endpoint_exists(service: Service, method: str, path: str) -> bool:
-    """False when the URL itself is unknown (the catch-all JSON 404), as opposed to a 404 of a
-    known endpoint for a missing object."""
-    status, body = service.request(method, path)
-    if status != 404 or not isinstance(body, dict):
-        return True
-    return not str(body.get("error", {}).get("message", "")).startswith("No such endpoint")
-
-
-def require_endpoint(service: Service, method: str, path: str, feature: str) -> None:
-    """Skips a test that needs an API piece not merged into this branch yet."""
-    if not _endpoint_exists(service, method, path):
-        pytest.skip(f"needs {feature} ({method} {path}), not in this server's API yet")

@@ -22,13 +22,6 @@ def log_in(page, username: str, password: str) -> None:
     page.get_by_role("button", name="Log in", exact=True).click()
 
 
-def require_private_api(service) -> None:
-    """Skips until the API refuses anonymous calls when CHAT_ALLOW_ANONYMOUS is false."""
-    status, _ = service.request("GET", "/api/conversations/")
-    if status != 401:
-        pytest.skip(f"needs CHAT_ALLOW_ANONYMOUS=false and session auth in the API (got {status})")
-
-
 @pytest.fixture(scope="module")
 def private_service(tmp_path_factory, web_fake, database_template):
     """The service with anonymous use off: every API call needs a logged-in user."""
@@ -66,8 +59,6 @@ def test_log_in_and_out_while_anonymous_use_is_allowed(new_page, service):
 
 
 def test_login_is_required_and_users_never_see_each_others_chats(new_page, private_service):
-    """Needs the lead's CHAT_ALLOW_ANONYMOUS and session authentication on the API."""
-    require_private_api(private_service)
     page = new_page(base_url=private_service.url)
     page.goto("/")
     expect(page).to_have_url(re.compile(r"/login/\?next=/$"))
@@ -98,8 +89,6 @@ def test_login_is_required_and_users_never_see_each_others_chats(new_page, priva
 
 
 def test_a_session_that_ends_leads_back_to_the_login_page(new_page, private_service):
-    """Needs the lead's CHAT_ALLOW_ANONYMOUS and session authentication on the API."""
-    require_private_api(private_service)
     page = new_page(base_url=private_service.url)
     page.goto("/")
     log_in(page, "alice", USERS["alice"])

@@ -1,8 +1,6 @@
 """The chat page in headless Chromium against the real service under uvicorn (tests/web/live.py),
 with the fake OpenAI server's prompt markers shaping the replies: `[[reply:TEXT]]`,
-`[[latency:S]]` with `[[chunks:N]]` for a slow streamed reply, `[[fault:...]]`.
-
-Tests marked "needs ..." skip themselves while the API piece they use is not on this server."""
+`[[latency:S]]` with `[[chunks:N]]` for a slow streamed reply, `[[fault:...]]`."""
 
 from __future__ import annotations
 
@@ -20,7 +18,6 @@ from tests.web.helpers import (  # noqa: E402
     chats,
     reply,
     reply_text,
-    require_endpoint,
     send,
     turns,
     words,
@@ -124,9 +121,8 @@ def test_escape_stops_the_reply(page):
     expect(page.get_by_role("textbox", name="Message")).to_be_focused()
 
 
-def test_stop_cancels_the_generation_on_the_server(page, service):
-    """Needs the lead's POST /api/messages/{id}/cancel/ (partial text kept, status cancelled)."""
-    require_endpoint(service, "POST", "/api/messages/999999/cancel/", "message cancel")
+def test_stop_cancels_the_generation_on_the_server(page):
+    """POST /api/messages/{id}/cancel/: the partial text is kept, the status is cancelled."""
     text = words("s", 40)
     send(page, f"Keep talking [[reply:{text}]] [[latency:4]] [[chunks:20]]")
     expect(reply_text(page)).to_contain_text("s3")
@@ -461,7 +457,7 @@ def test_shift_enter_is_a_new_line_and_enter_while_composing_does_nothing(page):
     expect(box).to_have_value("")
 
 
-def test_the_page_has_no_console_errors_and_a_strict_csp(new_page, service):
+def test_the_page_has_no_console_errors_and_a_strict_csp(new_page):
     page = new_page()
     response = page.goto("/")
     csp = response.headers["content-security-policy"]
@@ -477,17 +473,7 @@ def test_the_page_has_no_console_errors_and_a_strict_csp(new_page, service):
     expect(reply_text(page).get_by_role("heading", name="Title")).to_be_visible()
     page.wait_for_timeout(300)
 
-    # Before the lead's API changes are merged, /api/models/ and /api/usage/ answer 404 (the
-    # page then uses its own model list and hides usage): the only errors allowed.
-    missing = [
-        path for path in ("/api/models/", "/api/usage/") if service.request("GET", path)[0] == 404
-    ]
-    errors = [
-        e
-        for e in page.problems.errors
-        if not (e.startswith("Failed to load resource") and "404" in e and missing)
-    ]
-    assert errors == []
+    assert page.problems.errors == []
     assert page.problems.exceptions == []
 
 
@@ -522,23 +508,15 @@ def test_narrow_screens_hide_the_sidebar_behind_a_button(new_page):
     expect(menu).to_be_focused()
 
 
-def test_a_refusal_is_shown_as_one(page, service):
-    """Needs the lead's refusal support (status "refused", a `refusal` field, refusal deltas)."""
+def test_a_refusal_is_shown_as_one(page):
     send(page, "Do something bad [[refusal:I can't help with that.]]")
     expect(page.get_by_role("button", name="Stop generating")).to_be_hidden()
-    message_id = turns(page).last.get_attribute("data-message-id")
-    _, stored = service.request("GET", f"/api/messages/{message_id}/")
-    if "refusal" not in stored:
-        pytest.skip("needs refusal support in the API (status refused, `refusal`)")
     expect(reply(page)).to_contain_text("The model declined: I can't help with that.")
     page.reload()
     expect(reply(page)).to_contain_text("The model declined: I can't help with that.")
 
 
 def test_usage_and_models_come_from_the_api(page, service):
-    """Needs the lead's GET /api/usage/ and GET /api/models/."""
-    require_endpoint(service, "GET", "/api/usage/", "usage")
-    require_endpoint(service, "GET", "/api/models/", "the model list")
     _, models = service.request("GET", "/api/models/")
     expect(page.get_by_role("combobox", name="Model").locator("option")).to_have_text(
         [m["id"] for m in models["results"]]
@@ -549,5 +527,6 @@ def test_usage_and_models_come_from_the_api(page, service):
     expect(usage).to_be_visible()
     send(page, "Spend a little [[reply:Spent.]]")
     expect(reply_text(page)).to_have_text("Spent.")
+    expect(reply(page)).to_contain_text(re.compile(r"tokens · \$\d"))  # the reply's cost
     expect(usage).to_contain_text("$")
     expect(usage).to_contain_text(re.compile(r"\d+ requests?"))
