@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-postgres lint format bench bench-context bench-deep postman ci clean
+.PHONY: install run test test-postgres lint format bench bench-context bench-deep postman screenshots ci clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,10 @@ bench-context: $(STAMP)
 
 postman: $(STAMP)
 	bash postman/run.sh
+
+# docs/chat-light.png and docs/chat-dark.png (needs /usr/bin/chromium: apt-get install chromium)
+screenshots: $(STAMP)
+	$(BIN)/python -m tests.web.screenshots
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache

@@ -76,6 +76,7 @@ INSTALLED_APPS = [
     "drf_spectacular_sidecar",
     "chat",
     "billing",
+    "web",
 ]
 
 MIDDLEWARE = [
@@ -247,6 +248,11 @@ CHAT_ANONYMOUS_USERNAME = env.str("CHAT_ANONYMOUS_USERNAME", default="anonymous"
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "login"
+
+# --- Web chat page (web/) ---------------------------------------------------------------------
+# The browser chat page at `/` (with /login/ and /logout/, LOGIN_URL above), a client of the
+# API; off: they answer the JSON 404.
+CHAT_WEB_UI = env.bool("CHAT_WEB_UI", default=True)
 
 # --- REST framework / OpenAPI -----------------------------------------------------------------
 REST_FRAMEWORK = {

@@ -11,6 +11,8 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("healthz", LivenessView.as_view(), name="healthz"),
     path("readyz", ReadinessView.as_view(), name="readyz"),
+    # The web chat page at / (CHAT_WEB_UI), with /login/ and /logout/.
+    path("", include("web.urls")),
 ]
 
 handler400 = "chat.api.errors.bad_request_view"
