@@ -161,11 +161,19 @@ def _classes_by_code() -> dict[str, type[ApplicationError]]:
 
 
 def rebuild(code: str, message: str, *, extra: dict[str, Any]) -> ApplicationError:
-    """The error a stored failure recorded, by its code (for replays and followers)."""
+    """The error a stored failure recorded, by its code (for replays and followers); a
+    `retry_after` in `extra` is also sent as the Retry-After header, as when it was raised."""
     error_class = _classes_by_code().get(code, UpstreamError)
-    error = error_class(message or None, extra=extra)
+    retry_after = extra.get("retry_after")
+    headers = {"Retry-After": str(retry_after)} if isinstance(retry_after, int) else None
+    error = error_class(message or None, extra=extra, headers=headers)
     error.code = code
     return error
+
+
+def stored_details(error: ApplicationError) -> dict[str, Any]:
+    """What of an error's extra fields is stored with a failed message (its id is not)."""
+    return {key: value for key, value in error.extra.items() if key != "message_id"}
 
 
 # --- Billing (raised by billing.services and billing.limits) -------------------------------

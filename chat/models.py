@@ -92,6 +92,8 @@ class Message(models.Model):
     )
     error_code = models.CharField(max_length=64, blank=True, default="")
     error_message = models.TextField(blank=True, default="")
+    # The error's other fields, e.g. {"upstream_status": 429, "retry_after": 7}.
+    error_details = models.JSONField(default=dict, blank=True)
 
     # Ids of the earlier turns of the conversation that were sent as context, oldest first.
     context_message_ids = models.JSONField(default=list, blank=True)

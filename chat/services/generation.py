@@ -35,6 +35,7 @@ from chat.errors import (
     TooManyConcurrent,
     UpstreamTimeout,
     UpstreamTruncated,
+    stored_details,
 )
 from chat.generations import Finished, Generation, TextDelta
 from chat.models import IN_PROGRESS_STATUSES, Conversation, Message, MessageStatus
@@ -126,6 +127,7 @@ _OUTCOME_FIELDS = [
     "latency_ms",
     "error_code",
     "error_message",
+    "error_details",
     "completed_at",
     "updated_at",
 ]
@@ -174,6 +176,7 @@ def _record_completion(prepared: PreparedGeneration, completion: llm.Completion)
     message.completion_tokens = completion.completion_tokens
     message.latency_ms = completion.latency_ms
     message.error_code = message.error_message = ""
+    message.error_details = {}
     message.completed_at = timezone.now()
     usage = None
     if completion.prompt_tokens is not None and completion.completion_tokens is not None:
@@ -205,6 +208,7 @@ def _record_stop(
     message.status = status
     message.error_code = error.code if error else ""
     message.error_message = error.message if error else ""
+    message.error_details = stored_details(error) if error else {}
     message.latency_ms = latency_ms
     message.completed_at = timezone.now()
     # Upstream consumed the prompt if it started answering, timed out, or was stopped while

@@ -428,6 +428,7 @@ def _prepare_regeneration(
         message.cost = None
         message.response_token_count = None
         message.error_code = message.error_message = ""
+        message.error_details = {}
         message.completed_at = None
         message.context_message_ids = context.message_ids
         message.prompt_token_count = context.prompt_token_count
@@ -482,7 +483,7 @@ def _stored_error(message: Message) -> ApplicationError | None:
     return rebuild(
         message.error_code or UpstreamError.code,
         message.error_message,
-        extra={"message_id": message.pk},
+        extra={**message.error_details, "message_id": message.pk},
     )
 
 

@@ -352,3 +352,19 @@ async def test_nothing_of_ours_that_can_be_logged_holds_the_api_key(fake_openai,
     upstream = llm._upstream()
     held = [repr(upstream), str(vars(llm)), upstream.settings_digest, repr(llm._clients)]
     assert all(settings.OPENAI_API_KEY not in text for text in held)
+
+
+async def test_a_stored_rate_limit_failure_keeps_its_retry_after(api, fake_openai):
+    fake_openai.fail_next("429", retry_after=7)
+    headers = {**JSON, "Idempotency-Key": "limited"}
+    body = json.dumps({"prompt_message": "later"})
+    first = await api.post(CREATE_URL, content=body, headers=headers)
+    replay = await api.post(CREATE_URL, content=body, headers=headers)
+    for response in (first, replay):
+        assert response.status_code == 503
+        assert response.headers["Retry-After"] == "7"
+        assert error_of(response)["retry_after"] == 7
+    reattached = parse_sse(
+        (await api.get(f"/api/messages/{first.json()['error']['message_id']}/stream/")).text
+    )
+    assert reattached[-1].data["error"]["retry_after"] == 7
