@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-postgres lint format bench bench-context bench-deep postman screenshots ci clean
+.PHONY: install run test test-postgres test-cluster lint format bench bench-context bench-deep postman screenshots ci clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ test: $(STAMP)
 test-postgres: $(STAMP)
 	mkdir -p var/static
 	DATABASE_URL=$${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test} $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# PostgreSQL + Redis + two service processes + the fake OpenAI server, one process killed mid-load.
+test-cluster: $(STAMP)
+	CLUSTER_POSTGRES_URL=$${CLUSTER_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres} \
+	CLUSTER_REDIS_URL=$${CLUSTER_REDIS_URL:-redis://127.0.0.1:6379/6} \
+	$(BIN)/python -m pytest tests/cluster -v -p no:xdist $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
