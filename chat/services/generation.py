@@ -26,7 +26,7 @@ from django.utils import timezone
 
 from billing import services as billing
 from billing.models import LedgerKind, Reservation
-from chat import db, generations, llm, tokens
+from chat import db, generations, llm, metrics, tokens
 from chat.errors import (
     ApplicationError,
     BudgetExceeded,
@@ -255,6 +255,7 @@ async def _generate(generation: Generation, prepared: PreparedGeneration, stream
         error = error or InternalError(extra={"message_id": message.pk})
     finally:
         generation.finish(Finished(message, error))
+        metrics.record_generation_outcome(message.status)
 
     if cancelled:
         raise asyncio.CancelledError
