@@ -315,6 +315,8 @@ except ValueError as _exc:
 # carries the request id (chat.logs.RequestIdFilter) and nothing secret-shaped
 # (chat.logs.RedactSecretsFilter). Each request is logged once, by config.middleware, on the
 # "chat.request" logger.
+from pythonjsonlogger.core import RESERVED_ATTRS as _JSON_LOG_RESERVED_ATTRS  # noqa: E402
+
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
 LOG_FORMAT = env.str("LOG_FORMAT", default="plain" if DEBUG else "json").strip().lower()
 if LOG_FORMAT not in ("json", "plain"):
@@ -333,6 +335,8 @@ LOGGING = {
             "fmt": "%(levelname)s %(name)s %(message)s %(request_id)s",
             "rename_fields": {"levelname": "level", "name": "logger"},
             "timestamp": "time",
+            # uvicorn adds a copy of its messages with terminal colours.
+            "reserved_attrs": [*_JSON_LOG_RESERVED_ATTRS, "color_message"],
             "json_ensure_ascii": False,
         },
     },
@@ -345,10 +349,13 @@ LOGGING = {
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
-        # uvicorn's own lines (startup, shutdown, errors) in the same format.
-        "uvicorn": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
+        # uvicorn's own lines (startup, shutdown, errors) in the same format. Not the "uvicorn"
+        # logger: configuring it would reset its children, uvicorn.access (--no-access-log) too.
+        "uvicorn.error": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
         # Django's one warning per 4xx response repeats the request line; errors stay.
         "django.request": {"level": "ERROR"},
+        # SQL debug lines (DEBUG on) would carry the token looked up for each request.
+        "django.db.backends": {"level": "INFO"},
         # The SDK's and its HTTP clients' debug logs can include request headers; keep them quiet.
         "openai": {"level": "WARNING"},
         "httpx2": {"level": "WARNING"},

@@ -15,6 +15,7 @@ from typing import Any
 from django.conf import settings
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
     OpenApiExample,
@@ -540,6 +541,7 @@ def _metrics_access(request: HttpRequest) -> None:
         raise MetricsForbidden()
 
 
+@csrf_exempt  # read-only; any other method is a 405
 async def metrics_view(request: HttpRequest) -> HttpResponseBase:
     """`GET /metrics`: the Prometheus metrics of all the server's processes (chat.metrics).
     Not part of the API: no user authentication, its own protection (`_metrics_access`)."""
