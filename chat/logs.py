@@ -1,7 +1,7 @@
 """The filters of the log handler configured in config/settings.py (LOGGING).
 
 - `RequestIdFilter` gives every record the id of the request it was logged for
-  (chat.request_context), "-" outside a request.
+  (chat.request_context, or `extra={"request_id": ...}`), "-" outside a request.
 - `RedactSecretsFilter` replaces anything shaped like a key or credential
   (`chat.errors.redact_secrets`), and the configured OPENAI_API_KEY itself, in the message, its
   arguments, the `extra=` fields, the traceback and the stack, before any formatter sees them.
@@ -33,8 +33,11 @@ _exception_formatter = logging.Formatter()
 
 
 class RequestIdFilter(logging.Filter):
+    """`record.request_id`: the one given with `extra=`, else the current request's, else "-"."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_context.get_request_id() or "-"
+        if getattr(record, "request_id", None) is None:
+            record.request_id = request_context.get_request_id() or "-"
         return True
 
 

@@ -18,6 +18,7 @@ Async only: it runs on the event loop, never on a thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -76,10 +77,14 @@ class RequestObservabilityMiddleware:
     async def __call__(self, request: HttpRequest) -> HttpResponseBase:
         started = time.perf_counter()
         request_id = request_context.accept_or_new(request.META.get(request_context.META_KEY))
-        # Set for the rest of this request's task (Django serves each request in a task of its
-        # own, so the value ends with it) and copied into the tasks it starts.
-        request_context.set_request_id(request_id)
-        response = await self.get_response(request)
+        # Tasks started while handling the request (a generation) copy the id with the rest of
+        # the context; it is reset afterwards, so that nothing run later in this context (the
+        # test client, a sync server) inherits it.
+        token = request_context.set_request_id(request_id)
+        try:
+            response = await self.get_response(request)
+        finally:
+            request_context.reset_request_id(token)
         response[request_context.HEADER] = request_id
         if response.streaming and getattr(response, "is_async", False):
             response.streaming_content = _observed(  # type: ignore[attr-defined]
@@ -101,8 +106,10 @@ async def _observed(
     started: float,
     request_id: str,
 ) -> AsyncIterator[bytes]:
-    """`content`, recording the request when it ends. A client that goes away leaves the
-    stream to be closed by the event loop's async-generator finalizer, shortly after."""
+    """`content`, with the request id set while it is produced, recording the request when it
+    ends. A client that goes away leaves the stream to be closed by the event loop's
+    async-generator finalizer, shortly after."""
+    token = request_context.set_request_id(request_id)
     disconnected = False
     try:
         async for chunk in content:
@@ -112,6 +119,8 @@ async def _observed(
         raise
     finally:
         _finish(request, status, started, request_id, disconnected=disconnected)
+        with contextlib.suppress(ValueError):  # closed by the finalizer, in another context
+            request_context.reset_request_id(token)
 
 
 def _finish(
@@ -129,10 +138,9 @@ def _finish(
     )
     if not logger.isEnabledFor(logging.INFO):
         return
-    if request_context.get_request_id() != request_id:  # a stream closed by the finalizer
-        request_context.set_request_id(request_id)
     duration_ms = round(seconds * 1000, 1)
     fields: dict[str, Any] = {
+        "request_id": request_id,
         "method": request.method,
         "route": route,
         "path": request.path,

@@ -291,6 +291,13 @@ async def test_an_invalid_incoming_request_id_is_replaced(api, incoming):
     assert request_id != incoming and len(request_id) == 32
 
 
+def test_the_request_id_does_not_outlive_its_request(client):
+    # Django's test client runs the async middleware through async_to_sync, which copies the
+    # context back into this thread: the id must be gone by then.
+    assert client.get("/healthz").headers["X-Request-ID"]
+    assert request_context.get_request_id() is None
+
+
 async def test_no_request_id_is_sent_outside_a_request(fake_openai):
     from chat import llm
 

@@ -17,7 +17,7 @@ import logging
 from django.conf import settings
 
 from billing import services as billing
-from chat import db, generations, llm, metrics
+from chat import db, generations, llm
 from chat.services import generation as generation_service
 
 logger = logging.getLogger(__name__)
@@ -82,8 +82,6 @@ async def on_server_shutdown() -> None:
         logger.warning("interrupted %d generations at shutdown", count)
     await llm.close_client()
     await asyncio.get_running_loop().run_in_executor(None, db.close_connections)
-    # This process's live gauges (generations in flight) stop counting in /metrics.
-    metrics.process_exit()
 
 
 def can_send() -> bool:
