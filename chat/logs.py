@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 
 from chat import request_context
 from chat.errors import redact_secrets
@@ -41,37 +42,57 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-def redact(text: str) -> str:
-    """`text` without anything secret-shaped, nor the configured API key."""
+def _configured_key() -> str:
+    """The API key to search for literally ("" if too short to search for, or unknown)."""
+    try:
+        key = settings.OPENAI_API_KEY
+    except ImproperlyConfigured:  # logging before the settings are loaded
+        return ""
+    return key if len(key) >= MIN_LITERAL_KEY_LENGTH else ""
+
+
+def redact(text: str, key: str | None = None) -> str:
+    """`text` without anything secret-shaped, nor the configured API key (`key`, when the
+    caller has looked it up already)."""
     text = redact_secrets(text)
-    key = settings.OPENAI_API_KEY if settings.configured else ""
-    if key and len(key) >= MIN_LITERAL_KEY_LENGTH and key in text:
+    if key is None:
+        key = _configured_key()
+    if key and key in text:
         text = text.replace(key, REDACTED)
     return text
 
 
 class RedactSecretsFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
+        key = _configured_key()
         try:
             message = record.getMessage()
         except Exception:  # a bad format string: let the handler report it as usual
             return True
-        redacted = redact(message)
+        fields = record.__dict__
+        extras = [
+            name
+            for name in fields.keys() - _STANDARD_ATTRIBUTES  # the `extra=` fields
+            if isinstance(fields[name], str)
+        ]
+        if not (record.exc_info or record.exc_text or record.stack_info):
+            # The common case, in one pass: nothing to redact.
+            everything = "\n".join([message, *(fields[name] for name in extras)])
+            if redact(everything, key) == everything:
+                return True
+        redacted = redact(message, key)
         if redacted != message:
             # The arguments are merged into the message, so none of them is formatted again.
             record.msg, record.args = redacted, ()
-        for name, value in record.__dict__.items():
-            if isinstance(value, str) and name not in _STANDARD_ATTRIBUTES:
-                cleaned = redact(value)
-                if cleaned != value:
-                    record.__dict__[name] = cleaned
+        for name in extras:
+            fields[name] = redact(fields[name], key)
         if record.exc_info:
             # Formatted once here, redacted, and handed to the formatters as text (they use
             # `exc_text` when `exc_info` is gone; python-json-logger too).
-            record.exc_text = redact(_exception_formatter.formatException(record.exc_info))
+            record.exc_text = redact(_exception_formatter.formatException(record.exc_info), key)
             record.exc_info = None
         elif record.exc_text:
-            record.exc_text = redact(record.exc_text)
+            record.exc_text = redact(record.exc_text, key)
         if record.stack_info:
-            record.stack_info = redact(record.stack_info)
+            record.stack_info = redact(record.stack_info, key)
         return True
