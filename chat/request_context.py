@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Mapping
 from contextvars import ContextVar, Token
+from typing import Any
+
+from rest_framework.settings import api_settings
 
 HEADER = "X-Request-ID"
 # How Django stores the incoming header in request.META.
@@ -44,3 +48,19 @@ def set_request_id(request_id: str | None) -> Token[str | None]:
 
 def reset_request_id(token: Token[str | None]) -> None:
     _request_id.reset(token)
+
+
+def client_ip(meta: Mapping[str, Any]) -> str:
+    """The client's address from a request's META, as DRF's `BaseThrottle.get_ident` gives it:
+    the X-Forwarded-For entry added by the outermost trusted proxy (NUM_PROXIES, our
+    CHAT_TRUSTED_PROXIES), else the peer's address. Read from META directly: DRF's builds the
+    whole `request.headers` (about 20 µs) for it."""
+    remote = meta.get("REMOTE_ADDR", "")
+    proxies = api_settings.NUM_PROXIES
+    forwarded = meta.get("HTTP_X_FORWARDED_FOR")
+    if forwarded is None or proxies == 0:
+        return remote
+    if proxies is None:
+        return "".join(forwarded.split())
+    addresses = forwarded.split(",")
+    return addresses[-min(proxies, len(addresses))].strip()

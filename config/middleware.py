@@ -28,7 +28,6 @@ from asgiref.sync import markcoroutinefunction
 from django.conf import settings
 from django.http import HttpRequest, HttpResponseBase
 from django.utils.functional import SimpleLazyObject, empty
-from rest_framework.settings import api_settings
 
 from chat import metrics, request_context
 
@@ -36,21 +35,6 @@ logger = logging.getLogger("chat.request")
 
 UNMATCHED_ROUTE = "unmatched"
 STATIC_ROUTE = "static"
-
-
-def client_ip(request: HttpRequest) -> str:
-    """The client's address as the anonymous rate limits see it (DRF's `get_ident`: the
-    X-Forwarded-For entry of the outermost trusted proxy, CHAT_TRUSTED_PROXIES), read from
-    request.META directly (DRF's builds the whole `request.headers` for it)."""
-    remote = request.META.get("REMOTE_ADDR", "")
-    proxies = api_settings.NUM_PROXIES
-    forwarded = request.META.get("HTTP_X_FORWARDED_FOR")
-    if forwarded is None or proxies == 0:
-        return remote
-    if proxies is None:
-        return "".join(forwarded.split())
-    addresses = forwarded.split(",")
-    return addresses[-min(proxies, len(addresses))].strip()
 
 
 def route_of(request: HttpRequest) -> str:
@@ -161,7 +145,7 @@ def _finish(
         "status": status,
         "duration_ms": duration_ms,
         "user_id": _user_id(request),
-        "client_ip": client_ip(request),
+        "client_ip": request_context.client_ip(request.META),
     }
     if disconnected:
         fields["disconnected"] = True

@@ -10,11 +10,8 @@ import json
 import logging
 import os
 import socket
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
-from pathlib import Path
 
 import httpx
 import pytest
@@ -22,7 +19,7 @@ from django.conf import settings as django_settings
 from prometheus_client.parser import text_string_to_metric_families
 from pythonjsonlogger.json import JsonFormatter
 
-from chat import metrics_dir, request_context
+from chat import request_context
 from tests.conftest import JSON, authenticated, error_of, parse_sse
 from tests.fake_openai import FAULTS
 
@@ -482,50 +479,3 @@ async def test_readyz_checks_redis_when_configured(api, settings, closing_redis)
     response = await api.get("/readyz")
     assert response.status_code == 200
     assert response.json()["redis"] == "ok"
-
-
-# --- the multiprocess directory ---------------------------------------------------------------
-
-
-def test_each_server_run_has_its_own_directory_and_dead_runs_are_removed(tmp_path: Path):
-    mine = metrics_dir.run_dir(tmp_path)
-    assert mine.name.startswith(f"{os.getpid()}-")
-    assert metrics_dir.run_dir(tmp_path) == mine
-
-    gone = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    dead_pid = int(gone.stdout)
-    dead = tmp_path / f"{dead_pid}-12345"
-    reused = tmp_path / f"{os.getpid()}-1"  # our pid, but another start time: an old run
-    for directory in (mine, dead, reused, tmp_path / "not-a-run"):
-        directory.mkdir()
-        (directory / "counter_1.db").write_bytes(b"")
-    removed = metrics_dir.remove_dead_runs(tmp_path, keep=mine)
-    assert sorted(removed) == sorted([dead, reused])
-    assert mine.exists() and (tmp_path / "not-a-run").exists()
-
-    (mine / f"gauge_livesum_{dead_pid}.db").write_bytes(b"")
-    (mine / f"gauge_livesum_{os.getpid()}.db").write_bytes(b"")
-    (mine / f"counter_{dead_pid}.db").write_bytes(b"")
-    assert metrics_dir.dead_live_gauge_pids(mine) == {dead_pid}
-
-
-def test_workers_spawned_by_a_supervisor_share_its_run_directory(tmp_path: Path):
-    import multiprocessing
-
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(1) as pool:
-        child_dir = pool.apply(metrics_dir.run_dir, (tmp_path,))
-    assert child_dir == metrics_dir.run_dir(tmp_path)
-
-
-def test_the_settings_put_prometheus_in_multiprocess_mode(settings):
-    import prometheus_client.values
-
-    assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == str(settings.METRICS_RUN_DIR)
-    assert settings.METRICS_RUN_DIR.parent == settings.METRICS_DIR
-    assert prometheus_client.values.ValueClass._multiprocess

@@ -28,12 +28,11 @@ from rest_framework.permissions import AllowAny
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.throttling import BaseThrottle
 
 from billing.money import usd_str
 from billing.prices import price_for
 from billing.selectors import budget_status, usage_summary
-from chat import db, exports, metrics, redis_client, selectors
+from chat import db, exports, metrics, redis_client, request_context, selectors
 from chat.api import sse
 from chat.api.base import APIView
 from chat.api.converters import parse_id
@@ -512,8 +511,6 @@ class ReadinessView(_ProbeView):
 
 # --- Metrics ------------------------------------------------------------------------------------
 
-_client_ident = BaseThrottle().get_ident
-
 
 def _metrics_access(request: HttpRequest) -> None:
     """With METRICS_TOKEN: the request must carry `Authorization: Bearer <token>`. Without: the
@@ -534,7 +531,7 @@ def _metrics_access(request: HttpRequest) -> None:
     if forwarded and not settings.REST_FRAMEWORK.get("NUM_PROXIES"):
         raise MetricsForbidden()
     try:
-        address = ipaddress.ip_address(_client_ident(request) or "")
+        address = ipaddress.ip_address(request_context.client_ip(request.META))
     except ValueError:
         raise MetricsForbidden() from None
     if not any(address in network for network in settings.METRICS_ALLOWED_IPS):
