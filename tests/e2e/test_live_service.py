@@ -215,6 +215,15 @@ def test_a_client_that_disconnects_after_the_first_delta_still_gets_a_stored_rep
     assert message["status"] == "completed"
     assert message["response"] == "Echo: do not lose me please"
     assert message["usage"]["completion_tokens"] > 0
+    # The stream's request line was written when the client went away.
+    log = live_service.log_path.read_text().splitlines()
+    lines = [json.loads(line) for line in log if line.startswith("{")]
+    [line] = [
+        line
+        for line in lines
+        if line["logger"] == "chat.request" and line["status"] == 200 and line["method"] == "POST"
+    ]
+    assert line["disconnected"] is True and line["request_id"]
 
 
 def test_reattach_from_another_connection_replays_and_follows(live_service, fake):
