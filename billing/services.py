@@ -15,6 +15,7 @@ Money is in integer pico-dollars (billing.money).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
 from decimal import Decimal
 
@@ -34,10 +35,11 @@ from billing.models import (
     Reservation,
     UsageSource,
 )
-from billing.money import MAX_DECIMALS, usd_display, usd_str
+from billing.money import MAX_DECIMALS, PICO_PER_USD, usd_display, usd_str
 from billing.periods import ADJECTIVES, period_bounds
 from billing.prices import ModelPrice, price_for
 from billing.selectors import UserRef
+from chat import metrics
 from chat.errors import BudgetExceeded, InvalidRequest, TooManyConcurrent
 from chat.models import Message
 
@@ -340,6 +342,16 @@ def _record(
         prompt_tokens=F("prompt_tokens") + prompt_tokens,
         completion_tokens=F("completion_tokens") + completion_tokens,
         cost=F("cost") + cost,
+    )
+    # Counted once the charge is committed (never for a transaction rolled back).
+    transaction.on_commit(
+        functools.partial(
+            metrics.record_usage,
+            model=price.model,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cost=cost / PICO_PER_USD,
+        )
     )
     return entry
 

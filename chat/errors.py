@@ -84,6 +84,28 @@ class DatabaseUnavailable(ApplicationError):
     default_message = "The database does not answer."
 
 
+class RedisUnavailable(ApplicationError):
+    status_code = 503
+    code = "redis_unavailable"
+    default_message = "Redis (REDIS_URL) does not answer."
+
+
+class MetricsAuthenticationRequired(ApplicationError):
+    """/metrics without the right `Authorization: Bearer <METRICS_TOKEN>`."""
+
+    status_code = 401
+    code = "not_authenticated"
+    default_message = "The metrics need `Authorization: Bearer <METRICS_TOKEN>`."
+
+
+class MetricsForbidden(ApplicationError):
+    """/metrics from an address outside METRICS_ALLOWED_IPS (no METRICS_TOKEN set)."""
+
+    status_code = 403
+    code = "permission_denied"
+    default_message = "The metrics are not served to this address."
+
+
 class ServiceNotConfigured(ApplicationError):
     status_code = 503
     code = "openai_not_configured"

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from chat import metrics
 from chat.errors import ApplicationError
 from chat.models import Message
 
@@ -149,9 +150,11 @@ def start(message_id: int, run: Callable[[Generation], Awaitable[None]]) -> Gene
     _current[message_id] = generation
 
     async def runner() -> None:
+        metrics.generations_in_flight.inc()
         try:
             await run(generation)
         finally:
+            metrics.generations_in_flight.dec()
             # A regenerate may have registered a newer generation of this message meanwhile.
             if _current.get(message_id) is generation:
                 del _current[message_id]

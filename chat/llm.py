@@ -16,6 +16,7 @@ import json
 import logging
 import random
 import time
+import types
 import typing
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -27,7 +28,7 @@ import httpx2
 import openai
 from django.conf import settings
 
-from chat import errors
+from chat import errors, metrics, request_context
 
 logger = logging.getLogger(__name__)
 
@@ -205,17 +206,19 @@ def _bad_response(detail: str) -> errors.UpstreamBadResponse:
 async def complete(*, messages: Sequence[ChatTurn], options: GenerationOptions) -> Completion:
     """One non-streaming chat completion; OPENAI_TIMEOUT bounds it, retries included."""
     client = _upstream().client
-    started = time.monotonic()
-    deadline = asyncio.get_running_loop().time() + settings.OPENAI_TIMEOUT
-    response = await _with_retries(
-        lambda: client.chat.completions.create(
-            messages=list(messages),  # type: ignore[arg-type]
-            **options.as_request_kwargs(),
-        ),
-        deadline,
-    )
-    if not response.choices:
-        raise _bad_response("no choices")
+    headers = _request_headers()
+    with _ObservedCall(options.model) as call:
+        deadline = asyncio.get_running_loop().time() + settings.OPENAI_TIMEOUT
+        response = await _with_retries(
+            lambda: client.chat.completions.create(
+                messages=list(messages),  # type: ignore[arg-type]
+                extra_headers=headers,
+                **options.as_request_kwargs(),
+            ),
+            deadline,
+        )
+        if not response.choices:
+            raise _bad_response("no choices")
     choice = response.choices[0]
     usage = response.usage
     return Completion(
@@ -225,7 +228,7 @@ async def complete(*, messages: Sequence[ChatTurn], options: GenerationOptions) 
         finish_reason=choice.finish_reason,
         prompt_tokens=usage.prompt_tokens if usage else None,
         completion_tokens=usage.completion_tokens if usage else None,
-        latency_ms=int((time.monotonic() - started) * 1000),
+        latency_ms=call.elapsed_ms(),
     )
 
 
@@ -239,53 +242,59 @@ async def stream(
     `UpstreamTruncated`.
     """
     client = _upstream().client
-    started = time.monotonic()
-    deadline = asyncio.get_running_loop().time() + settings.OPENAI_TIMEOUT
-    response = await _with_retries(
-        lambda: client.chat.completions.create(
-            messages=list(messages),  # type: ignore[arg-type]
-            stream=True,
-            stream_options={"include_usage": True},
-            **options.as_request_kwargs(),
-        ),
-        deadline,
-    )
-    parts: list[str] = []
-    refusal_parts: list[str] = []
-    finish_reason: str | None = None
-    model = options.model
-    usage = None
-    try:
-        async with response:
-            chunks = response.__aiter__()
-            while True:
-                try:
-                    async with asyncio.timeout(settings.OPENAI_TIMEOUT):
-                        chunk = await chunks.__anext__()
-                except StopAsyncIteration:
-                    break
-                model = chunk.model or model
-                if chunk.usage is not None:
-                    usage = chunk.usage
-                for choice in chunk.choices:
-                    if choice.delta.content:
-                        parts.append(choice.delta.content)
-                        yield Delta(choice.delta.content)
-                    if choice.delta.refusal:
-                        refusal_parts.append(choice.delta.refusal)
-                        yield Delta(choice.delta.refusal, refusal=True)
-                    if choice.finish_reason:
-                        finish_reason = choice.finish_reason
-    except Exception as exc:
-        translated = _translate(exc)
-        if (parts or refusal_parts) and isinstance(translated, errors.UpstreamError):
-            # Text was already delivered: the reply is cut short, whatever cut it.
-            translated = errors.UpstreamTruncated(
-                f"The reply stream broke off before the reply was finished ({translated.code})."
-            )
-        _reraise(exc, translated)
-    if finish_reason is None:
-        raise errors.UpstreamTruncated()
+    headers = _request_headers()
+    with _ObservedCall(options.model) as call:
+        deadline = asyncio.get_running_loop().time() + settings.OPENAI_TIMEOUT
+        response = await _with_retries(
+            lambda: client.chat.completions.create(
+                messages=list(messages),  # type: ignore[arg-type]
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_headers=headers,
+                **options.as_request_kwargs(),
+            ),
+            deadline,
+        )
+        parts: list[str] = []
+        refusal_parts: list[str] = []
+        finish_reason: str | None = None
+        model = options.model
+        usage = None
+        try:
+            async with response:
+                chunks = response.__aiter__()
+                while True:
+                    try:
+                        async with asyncio.timeout(settings.OPENAI_TIMEOUT):
+                            chunk = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    model = chunk.model or model
+                    if chunk.usage is not None:
+                        usage = chunk.usage
+                    for choice in chunk.choices:
+                        if not (parts or refusal_parts) and (
+                            choice.delta.content or choice.delta.refusal
+                        ):
+                            call.first_token()
+                        if choice.delta.content:
+                            parts.append(choice.delta.content)
+                            yield Delta(choice.delta.content)
+                        if choice.delta.refusal:
+                            refusal_parts.append(choice.delta.refusal)
+                            yield Delta(choice.delta.refusal, refusal=True)
+                        if choice.finish_reason:
+                            finish_reason = choice.finish_reason
+        except Exception as exc:
+            translated = _translate(exc)
+            if (parts or refusal_parts) and isinstance(translated, errors.UpstreamError):
+                # Text was already delivered: the reply is cut short, whatever cut it.
+                translated = errors.UpstreamTruncated(
+                    f"The reply stream broke off before the reply was finished ({translated.code})."
+                )
+            _reraise(exc, translated)
+        if finish_reason is None:
+            raise errors.UpstreamTruncated()
     yield Completion(
         text="".join(parts),
         refusal="".join(refusal_parts),
@@ -293,8 +302,54 @@ async def stream(
         finish_reason=finish_reason,
         prompt_tokens=usage.prompt_tokens if usage else None,
         completion_tokens=usage.completion_tokens if usage else None,
-        latency_ms=int((time.monotonic() - started) * 1000),
+        latency_ms=call.elapsed_ms(),
     )
+
+
+def _request_headers() -> dict[str, str] | None:
+    """Headers of our own on a model API call: the id of the request it is made for."""
+    request_id = request_context.get_request_id()
+    return {request_context.HEADER: request_id} if request_id else None
+
+
+class _ObservedCall:
+    """Times one model call (retries included) into chat_upstream_request_duration_seconds,
+    labelled with its outcome: ok, the error code, or cancelled; and, for streams, the time to
+    the first piece of text."""
+
+    __slots__ = ("model", "started")
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.started = time.monotonic()
+
+    def __enter__(self) -> _ObservedCall:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: types.TracebackType | None,
+    ) -> bool:
+        if exc is None:
+            outcome = "ok"
+        elif isinstance(exc, errors.ApplicationError):
+            outcome = exc.code
+        elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+            outcome = "cancelled"
+        else:
+            outcome = "internal_error"
+        metrics.observe_upstream_call(
+            model=self.model, outcome=outcome, seconds=time.monotonic() - self.started
+        )
+        return False
+
+    def first_token(self) -> None:
+        metrics.observe_first_token(model=self.model, seconds=time.monotonic() - self.started)
+
+    def elapsed_ms(self) -> int:
+        return int((time.monotonic() - self.started) * 1000)
 
 
 def _upstream_message(exc: openai.APIStatusError) -> str:

@@ -12,6 +12,12 @@ import weakref
 
 import redis.asyncio as aioredis
 from django.conf import settings
+from redis.exceptions import RedisError
+
+from chat.errors import RedisUnavailable
+
+# How long a readiness check waits for Redis to answer.
+PING_TIMEOUT = 2.0
 
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[str, aioredis.Redis]] = (
     weakref.WeakKeyDictionary()
@@ -48,3 +54,17 @@ async def close_redis() -> None:
     entry = _clients.pop(asyncio.get_running_loop(), None)
     if entry is not None:
         await entry[1].aclose()
+
+
+async def ping() -> bool:
+    """True when Redis answers (within PING_TIMEOUT), False without REDIS_URL; raises
+    RedisUnavailable when it does not answer."""
+    client = get_redis()
+    if client is None:
+        return False
+    try:
+        async with asyncio.timeout(PING_TIMEOUT):
+            await client.ping()
+    except (RedisError, OSError, TimeoutError) as exc:
+        raise RedisUnavailable() from exc
+    return True

@@ -3,7 +3,7 @@
 At startup each process interrupts what dead processes left behind and starts its maintenance
 loop (heartbeats, stop requests, crash recovery: chat.services.lifecycle); at shutdown its
 generations in flight are stopped and stored as `interrupted` with their partial text, so no
-message stays pending forever.
+message stays pending forever, and its live metrics (generations in flight) stop counting.
 """
 
 import logging
@@ -14,6 +14,7 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 django_application = get_asgi_application()
 
+from chat import metrics  # noqa: E402  (after the settings: see chat.metrics_dir)
 from chat.services import lifecycle  # noqa: E402  (needs the app registry loaded above)
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,8 @@ async def _lifespan(receive, send) -> None:
             try:
                 await lifecycle.on_server_shutdown()
             finally:
+                # The process ends: its live gauges (generations in flight) stop counting.
+                metrics.process_exit()
                 await send({"type": "lifespan.shutdown.complete"})
             return
 

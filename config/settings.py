@@ -5,6 +5,8 @@ Production settings fail fast: a missing secret or an unsafe combination stops t
 startup instead of surfacing later.
 """
 
+import ipaddress
+import os
 import secrets
 from pathlib import Path
 
@@ -80,6 +82,9 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # Outermost: the request id, the HTTP metrics and the request's log line cover everything
+    # below, static files and errors included.
+    "config.middleware.RequestObservabilityMiddleware",
     "django.middleware.security.SecurityMiddleware",
     # Serves the static files (admin, Swagger UI, the chat page) from the app server itself;
     # ServeStatic is WhiteNoise's async-native fork (WhiteNoise's sync-only middleware would
@@ -290,16 +295,78 @@ SPECTACULAR_SETTINGS = {
     "COMPONENT_SPLIT_REQUEST": True,
 }
 
-# --- Logging ----------------------------------------------------------------------------------
+# --- Observability: metrics, request ids, logs -------------------------------------------------
+# Prometheus metrics (GET /metrics), in prometheus-client's multiprocess mode: each server process
+# writes its samples to files under METRICS_DIR, and a scrape adds up all the processes' files.
+# Each server run gets a directory of its own (chat/metrics_dir.py), named after the process that
+# owns the run (uvicorn's supervisor, or the single process); those of runs that are gone are
+# removed. prometheus-client reads PROMETHEUS_MULTIPROC_DIR when it is first imported, which
+# happens after the settings are loaded: it is set here, for every process.
+from chat import metrics_dir as _metrics_dir  # noqa: E402
+
+METRICS_DIR = Path(env.str("METRICS_DIR", default=str(VAR_DIR / "metrics")))
+if not METRICS_DIR.is_absolute():
+    METRICS_DIR = BASE_DIR / METRICS_DIR
+METRICS_RUN_DIR = _metrics_dir.run_dir(METRICS_DIR)
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(METRICS_RUN_DIR)
+# Set: /metrics requires `Authorization: Bearer <METRICS_TOKEN>` (from anywhere). Unset: /metrics
+# answers only clients whose address is in METRICS_ALLOWED_IPS (addresses or networks).
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
+try:
+    METRICS_ALLOWED_IPS = [
+        ipaddress.ip_network(value.strip(), strict=False)
+        for value in env.list("METRICS_ALLOWED_IPS", default=["127.0.0.0/8", "::1"])
+        if value.strip()
+    ]
+except ValueError as _exc:
+    raise ImproperlyConfigured(f"METRICS_ALLOWED_IPS: {_exc}.") from None
+
+# Logs: one line per record on stderr, JSON (python-json-logger) or plain text. Every record
+# carries the request id (chat.logs.RequestIdFilter) and nothing secret-shaped
+# (chat.logs.RedactSecretsFilter). Each request is logged once, by config.middleware, on the
+# "chat.request" logger.
+from pythonjsonlogger.core import RESERVED_ATTRS as _JSON_LOG_RESERVED_ATTRS  # noqa: E402
+
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
+LOG_FORMAT = env.str("LOG_FORMAT", default="plain" if DEBUG else "json").strip().lower()
+if LOG_FORMAT not in ("json", "plain"):
+    raise ImproperlyConfigured(f"LOG_FORMAT must be json or plain, not {LOG_FORMAT!r}.")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {
+        "request_id": {"()": "chat.logs.RequestIdFilter"},
+        "redact_secrets": {"()": "chat.logs.RedactSecretsFilter"},
+    },
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"},
+        "json": {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "fmt": "%(levelname)s %(name)s %(message)s %(request_id)s",
+            "rename_fields": {"levelname": "level", "name": "logger"},
+            "timestamp": "time",
+            # uvicorn adds a copy of its messages with terminal colours.
+            "reserved_attrs": [*_JSON_LOG_RESERVED_ATTRS, "color_message"],
+            "json_ensure_ascii": False,
+        },
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": LOG_FORMAT,
+            "filters": ["request_id", "redact_secrets"],
+        }
+    },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
-    # The SDK's and its HTTP clients' debug logs can include request headers; keep them quiet.
     "loggers": {
+        # uvicorn's own lines (startup, shutdown, errors) in the same format. Not the "uvicorn"
+        # logger: configuring it would reset its children, uvicorn.access (--no-access-log) too.
+        "uvicorn.error": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
+        # Django's one warning per 4xx response repeats the request line; errors stay.
+        "django.request": {"level": "ERROR"},
+        # SQL debug lines (DEBUG on) would carry the token looked up for each request.
+        "django.db.backends": {"level": "INFO"},
+        # The SDK's and its HTTP clients' debug logs can include request headers; keep them quiet.
         "openai": {"level": "WARNING"},
         "httpx2": {"level": "WARNING"},
         "httpcore2": {"level": "WARNING"},

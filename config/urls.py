@@ -2,7 +2,7 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from chat.api.views import LivenessView, ReadinessView
+from chat.api.views import LivenessView, ReadinessView, metrics_view
 
 urlpatterns = [
     path("api/", include("chat.api.urls")),
@@ -11,6 +11,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("healthz", LivenessView.as_view(), name="healthz"),
     path("readyz", ReadinessView.as_view(), name="readyz"),
+    path("metrics", metrics_view, name="metrics"),
     # The web chat page at / (CHAT_WEB_UI), with /login/ and /logout/.
     path("", include("web.urls")),
 ]

@@ -23,10 +23,9 @@ from django.http import HttpRequest, HttpResponseBase
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.throttling import BaseThrottle
 from rest_framework.views import APIView as DRFAPIView
 
-from chat import db
+from chat import db, request_context
 from chat.services import users
 
 
@@ -47,7 +46,7 @@ class APIView(DRFAPIView):
             self.owner = request.user
         else:  # let through by the permission: anonymous use is on
             self.owner = users.anonymous_user()
-            self.client_ip = BaseThrottle().get_ident(request)
+            self.client_ip = request_context.client_ip(request.META)
 
     def _handler(self, request: Request) -> Callable[..., Any]:
         method = request.method.lower()

@@ -20,6 +20,7 @@ from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
 from rest_framework.views import set_rollback
 
+from chat import metrics
 from chat.errors import ApplicationError
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,8 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     except Exception:
         return None  # not an expected error: Django's handler500 (below) answers
     set_rollback()
+    if status == 429:
+        metrics.record_rejection(body["error"]["code"])
     if status >= 500:
         logger.warning("%s %s", status, body["error"].get("code"))
     return Response(body, status=status, headers=headers)

@@ -6,13 +6,16 @@ anonymous user while anonymous use is on. Another user's ids are simply not foun
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
 from django.db.models import QuerySet
-from django.http import HttpResponse, HttpResponseBase
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
     OpenApiExample,
@@ -20,7 +23,7 @@ from drf_spectacular.utils import (
     OpenApiResponse,
     extend_schema,
 )
-from rest_framework import status
+from rest_framework import exceptions, status
 from rest_framework.permissions import AllowAny
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
@@ -29,10 +32,11 @@ from rest_framework.response import Response
 from billing.money import usd_str
 from billing.prices import price_for
 from billing.selectors import budget_status, usage_summary
-from chat import db, exports, selectors
+from chat import db, exports, metrics, redis_client, request_context, selectors
 from chat.api import sse
 from chat.api.base import APIView
 from chat.api.converters import parse_id
+from chat.api.errors import error_payload
 from chat.api.pagination import CURSOR_PARAM, CursorPagination, PageNumberPagination
 from chat.api.serializers import (
     ConversationSerializer,
@@ -45,7 +49,12 @@ from chat.api.serializers import (
     UsageQuerySerializer,
     UsageReportSerializer,
 )
-from chat.errors import InvalidRequest
+from chat.errors import (
+    ApplicationError,
+    InvalidRequest,
+    MetricsAuthenticationRequired,
+    MetricsForbidden,
+)
 from chat.models import Message
 from chat.services import conversations, lifecycle, messages
 
@@ -503,6 +512,56 @@ class ReadinessView(_ProbeView):
     )
     async def get(self, request: Request) -> Response:
         await db.run(selectors.database_ping)
+        redis_state = "ok" if await redis_client.ping() else "not_configured"
         return Response(
-            {"status": "ready", "database": "ok", "openai_configured": lifecycle.can_send()}
+            {
+                "status": "ready",
+                "database": "ok",
+                "redis": redis_state,
+                "openai_configured": lifecycle.can_send(),
+            }
         )
+
+
+# --- Metrics ------------------------------------------------------------------------------------
+
+
+def _metrics_access(request: HttpRequest) -> None:
+    """With METRICS_TOKEN: the request must carry `Authorization: Bearer <token>`. Without: the
+    client's address (as the rate limits see it, CHAT_TRUSTED_PROXIES) must be in
+    METRICS_ALLOWED_IPS, and a request forwarded by a proxy that is not trusted is refused (the
+    proxy's own address would otherwise look local)."""
+    token = settings.METRICS_TOKEN
+    if token:
+        scheme, _, given = request.META.get("HTTP_AUTHORIZATION", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), token.encode()
+        ):
+            raise MetricsAuthenticationRequired(
+                headers={"WWW-Authenticate": 'Bearer realm="metrics"'}
+            )
+        return
+    forwarded = "HTTP_X_FORWARDED_FOR" in request.META or "HTTP_FORWARDED" in request.META
+    if forwarded and not settings.REST_FRAMEWORK.get("NUM_PROXIES"):
+        raise MetricsForbidden()
+    try:
+        address = ipaddress.ip_address(request_context.client_ip(request.META))
+    except ValueError:
+        raise MetricsForbidden() from None
+    if not any(address in network for network in settings.METRICS_ALLOWED_IPS):
+        raise MetricsForbidden()
+
+
+@csrf_exempt  # read-only; any other method is a 405
+async def metrics_view(request: HttpRequest) -> HttpResponseBase:
+    """`GET /metrics`: the Prometheus metrics of all the server's processes (chat.metrics).
+    Not part of the API: no user authentication, its own protection (`_metrics_access`)."""
+    try:
+        if request.method not in ("GET", "HEAD"):
+            raise exceptions.MethodNotAllowed(request.method)
+        _metrics_access(request)
+    except (ApplicationError, exceptions.APIException) as exc:
+        body, status_code, headers = error_payload(exc)
+        return JsonResponse(body, status=status_code, headers=headers)
+    body, content_type = metrics.render(request.META.get("HTTP_ACCEPT"))
+    return HttpResponse(body, content_type=content_type)

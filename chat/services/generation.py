@@ -26,7 +26,7 @@ from django.utils import timezone
 
 from billing import services as billing
 from billing.models import LedgerKind, Reservation
-from chat import db, generations, live, llm, tokens
+from chat import db, generations, live, llm, metrics, tokens
 from chat.errors import (
     ApplicationError,
     BudgetExceeded,
@@ -270,6 +270,7 @@ async def _generate(generation: Generation, prepared: PreparedGeneration, stream
         error = error or InternalError(extra={"message_id": message.pk})
     finally:
         generation.finish(Finished(message, error))
+        metrics.record_generation_outcome(message.status)
         if publisher is not None:
             # After the outcome is stored: followers elsewhere read it when they see the end.
             publisher.end()

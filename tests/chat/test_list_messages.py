@@ -118,6 +118,11 @@ def test_health_and_readiness(client, settings):
     settings.OPENAI_API_KEY = ""
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ready", "database": "ok", "openai_configured": False}
+    assert ready.json() == {
+        "status": "ready",
+        "database": "ok",
+        "redis": "not_configured",
+        "openai_configured": False,
+    }
     settings.OPENAI_API_KEY = "k"
     assert client.get("/readyz").json()["openai_configured"] is True

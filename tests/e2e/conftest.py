@@ -102,6 +102,8 @@ def live_service(request, tmp_path, fake) -> Iterator[LiveService]:
         "CHAT_STREAM_SAVE_INTERVAL": "0.1",
         "CHAT_THROTTLE_ANON": "",
         "DJANGO_SETTINGS_MODULE": "config.settings",
+        "METRICS_DIR": str(tmp_path / "metrics"),
+        "LOG_FORMAT": "json",
         **extra_env,
     }
     subprocess.run([BIN / "python", "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)

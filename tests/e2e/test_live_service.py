@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.conftest import parse_sse
+from tests.conftest import TEST_API_KEY, parse_sse
 from tests.e2e.conftest import read_event
 
 
@@ -81,6 +81,15 @@ def test_a_client_that_disconnects_after_the_first_delta_still_gets_a_stored_rep
     assert message["status"] == "completed"
     assert message["response"] == "Echo: do not lose me please"
     assert message["usage"]["completion_tokens"] > 0
+    # The stream's request line was written when the client went away.
+    log = live_service.log_path.read_text().splitlines()
+    lines = [json.loads(line) for line in log if line.startswith("{")]
+    [line] = [
+        line
+        for line in lines
+        if line["logger"] == "chat.request" and line["status"] == 200 and line["method"] == "POST"
+    ]
+    assert line["disconnected"] is True and line["request_id"]
 
 
 def test_reattach_from_another_connection_replays_and_follows(live_service, fake):
@@ -160,3 +169,83 @@ def test_two_worker_processes_share_idempotency_and_reattach(live_service, fake)
         texts = list(pool.map(lambda _: reattach(), range(6)))
     conn.close()
     assert texts == ["Echo: seen from everywhere"] * 6
+
+
+# --- observability ------------------------------------------------------------------------------
+
+
+def scrape(port: int) -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/metrics")
+    response = conn.getresponse()
+    body = response.read().decode()
+    conn.close()
+    assert response.status == 200, body
+    return body
+
+
+def sample_sum(text: str, name: str, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
+
+
+@pytest.mark.parametrize("live_service", [2], indirect=True)
+def test_metrics_add_up_every_worker_process(live_service, tmp_path):
+    """Whichever worker answers the scrape, /metrics counts the requests of both."""
+    import concurrent.futures
+
+    def chat(index: int) -> int:
+        return live_service.request(
+            "POST", "/api/messages/create/", {"prompt_message": f"count {index}"}
+        )[0]
+
+    [run] = list((tmp_path / "metrics").iterdir())  # one run: both workers' supervisor
+    sent = 0
+    writers: set[str] = set()
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        while len(writers) < 2 and sent < 100:  # until both workers have served some
+            assert list(pool.map(chat, range(sent, sent + 10))) == [201] * 10
+            sent += 10
+            writers = {path.stem.rsplit("_", 1)[1] for path in run.glob("counter_*.db")}
+    assert len(writers) == 2, sorted(path.name for path in run.iterdir())
+    for _ in range(6):  # new connections: either worker may answer each scrape
+        text = scrape(live_service.port)
+        created = {"route": "message-create", "method": "POST", "status": "201"}
+        assert sample_sum(text, "chat_http_requests_total", **created) == sent
+        assert sample_sum(text, "chat_tokens_total", kind="completion") > 0
+        assert sample_sum(text, "chat_generations_in_flight") == 0
+
+
+def test_json_request_lines_and_live_gauges_removed_at_shutdown(live_service, tmp_path):
+    conn = http.client.HTTPConnection("127.0.0.1", live_service.port, timeout=30)
+    conn.request(
+        "POST",
+        "/api/messages/create/",
+        json.dumps({"prompt_message": "trace me"}),
+        {"Content-Type": "application/json", "X-Request-ID": "trace-e2e-1"},
+    )
+    response = conn.getresponse()
+    response.read()
+    conn.close()
+    assert response.status == 201 and response.getheader("X-Request-ID") == "trace-e2e-1"
+    [run] = list((tmp_path / "metrics").iterdir())
+    assert list(run.glob("gauge_livesum_*.db"))
+
+    live_service.process.send_signal(signal.SIGTERM)
+    live_service.process.wait(timeout=20)
+    log = live_service.log_path.read_text()
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert not [line for line in lines if line["logger"] == "uvicorn.access"]
+    traced = [line for line in lines if line.get("request_id") == "trace-e2e-1"]
+    [line] = [line for line in traced if line["logger"] == "chat.request"]
+    assert line["status"] == 201
+    assert line["route"] == "message-create" and line["client_ip"] == "127.0.0.1"
+    assert any(line["logger"].startswith("uvicorn") for line in lines)  # same format
+    assert TEST_API_KEY not in log
+    assert not list(run.glob("gauge_livesum_*.db"))  # this worker's gauge stops counting
