@@ -117,6 +117,7 @@ def reserve(
     amount = price.cost(prompt_tokens=prompt_tokens, completion_tokens=max_completion_tokens)
 
     account = lock_account(user_id)
+    # The reservations before the spending: see `settle`.
     in_flight, reserved = selectors.unexpired_reservations(user_id=user_id, now=now)
     cap = settings.CHAT_MAX_CONCURRENT_PER_USER
     if cap and in_flight >= cap:
@@ -223,16 +224,16 @@ def settle(
     _require_transaction("settle")
     _check_entry(prompt_tokens, completion_tokens, usage_source, outcome, kind)
     now = now or timezone.now()
-    user_id = (
-        Reservation.objects.filter(pk=reservation_id).values_list("user_id", flat=True).first()
-    )
-    if user_id is None:
+    reservation = Reservation.objects.filter(pk=reservation_id).first()
+    if reservation is None:
         return None
-    lock_account(user_id)
-    reservation = Reservation.objects.select_for_update().filter(pk=reservation_id).first()
-    if reservation is None:  # settled by someone else while we waited for the lock
+    # Deleting the row decides which of two racing settlements charges it. No account lock:
+    # `reserve` reads the reservations before the spending, so a settlement committing between
+    # its two reads can only make it count this call twice (refuse more), never zero times.
+    deleted, _ = Reservation.objects.filter(pk=reservation.pk).delete()
+    if not deleted:  # settled by someone else meanwhile
         return None
-    Reservation.objects.filter(pk=reservation.pk).delete()
+    user_id = reservation.user_id
     model = model or reservation.model
     try:
         price = price_for(model)

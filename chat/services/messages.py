@@ -190,26 +190,16 @@ def _store_prompt(
     """Store the prompt as a pending message (and its new conversation) with its budget
     reservation, in one transaction: (message, reservation id).
 
-    The reservation comes first (it locks the user's billing account, which every admission of
-    theirs takes first, on any process): over the budget or the concurrency cap, nothing is
-    stored and nothing is sent upstream. The conversation is locked too: one deleted meanwhile
-    is a clear 400, never a dangling message. Without an API key the prompt is stored as failed
-    (retriable), with no reservation.
+    The conversation is locked first (one deleted meanwhile is a clear 400, never a dangling
+    message), then the reservation locks the user's billing account — the order every writer
+    of both takes, so none waits on another in a cycle. Over the budget or the concurrency cap
+    the transaction rolls back: nothing is stored and nothing is sent upstream. Without an API
+    key the prompt is stored as failed (retriable), with no reservation.
     """
     now = timezone.now()
     options = plan.options
     configured = llm.is_configured()
     with transaction.atomic():
-        reservation = None
-        if configured:
-            reservation = billing.reserve(
-                user=owner,
-                model=options.model,
-                prompt_tokens=plan.reserved_tokens,
-                max_completion_tokens=options.completion_token_cap,
-                worker_id=generations.WORKER_ID,
-                now=now,
-            )
         if plan.conversation_id is None:
             conversation = Conversation.objects.create(
                 owner=owner, title=auto_title(prompt), created_at=now, updated_at=now
@@ -244,10 +234,18 @@ def _store_prompt(
             message.error_code, message.error_message = error.code, error.message
             message.completed_at = now
         message.save(force_insert=True)
-        if reservation is not None:
-            reservation.message = message
-            reservation.save(update_fields=["message"])
-    return message, reservation.pk if reservation else None
+        if not configured:
+            return message, None
+        reservation = billing.reserve(
+            user=owner,
+            model=options.model,
+            prompt_tokens=plan.reserved_tokens,
+            max_completion_tokens=options.completion_token_cap,
+            worker_id=generations.WORKER_ID,
+            message=message,
+            now=now,
+        )
+    return message, reservation.pk
 
 
 def _replay_after_race(*, owner: AbstractBaseUser, plan: _Plan, idempotency_key: str) -> Message:
@@ -402,7 +400,9 @@ def _prepare_regeneration(
         before_id=current.pk,
     )
     with transaction.atomic():
-        # The billing account's lock first, as every admission takes it (see _store_prompt).
+        # The conversation, then the billing account, as every admission locks them (see
+        # _store_prompt), then the message.
+        Conversation.objects.select_for_update().filter(pk=conversation.pk).first()
         reservation = billing.reserve(
             user=owner,
             model=options.model,
