@@ -76,6 +76,9 @@ class RecordedRequest:
     path: str
     headers: dict[str, str]  # lower-cased header names
     json: Any | None  # parsed JSON body, or None (no body / not JSON)
+    # The ``usage`` the server reported in its reply (None: none was sent, e.g. ``[[nousage]]``,
+    # a stream without ``include_usage``, a fault or a cut stream).
+    usage: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -322,6 +325,7 @@ class FakeOpenAI:
         path = request.path
         raw = await request.read() if request.body_exists else b""
         body: Any = None
+        rec: RecordedRequest | None = None
         if raw:
             try:
                 body = json.loads(raw)
@@ -334,7 +338,7 @@ class FakeOpenAI:
                 self.requests.append(rec)
 
         if path == "/v1/chat/completions" and method == "POST":
-            return await self._chat(request, raw, body)
+            return await self._chat(request, raw, body, rec)
         if method == "GET":
             if path == "/v1/models":
                 return web.Response(
@@ -363,7 +367,9 @@ class FakeOpenAI:
         with self._lock:
             return self._faults.popleft() if self._faults else None
 
-    async def _chat(self, request: BaseRequest, raw: bytes, body: Any) -> web.StreamResponse:
+    async def _chat(
+        self, request: BaseRequest, raw: bytes, body: Any, rec: RecordedRequest | None = None
+    ) -> web.StreamResponse:
         stream = isinstance(body, dict) and body.get("stream") is True
 
         fault = self._pop_fault()
@@ -519,6 +525,9 @@ class FakeOpenAI:
         if stream:
             so = body.get("stream_options")
             include_usage = isinstance(so, dict) and so.get("include_usage") is True
+            cut = fault is not None and fault.name == "cut"
+            if rec is not None and include_usage and not no_usage and not cut:
+                rec.usage = usage
             return await self._stream(
                 request,
                 completion_id=completion_id,
@@ -527,7 +536,7 @@ class FakeOpenAI:
                 text=text,
                 finish_reason=finish_reason,
                 usage=usage if include_usage and not no_usage else None,
-                cut=fault is not None and fault.name == "cut",
+                cut=cut,
                 latency=latency,
                 chunks=chunks,
                 refusal=refusal,
@@ -535,6 +544,8 @@ class FakeOpenAI:
 
         if latency > 0:
             await asyncio.sleep(latency)
+        if rec is not None and not no_usage:
+            rec.usage = usage
         reply = {"role": "assistant", "content": text, "refusal": None}
         if refusal:
             reply = {"role": "assistant", "content": None, "refusal": text}
