@@ -525,9 +525,6 @@ class FakeOpenAI:
         if stream:
             so = body.get("stream_options")
             include_usage = isinstance(so, dict) and so.get("include_usage") is True
-            cut = fault is not None and fault.name == "cut"
-            if rec is not None and include_usage and not no_usage and not cut:
-                rec.usage = usage
             return await self._stream(
                 request,
                 completion_id=completion_id,
@@ -536,10 +533,11 @@ class FakeOpenAI:
                 text=text,
                 finish_reason=finish_reason,
                 usage=usage if include_usage and not no_usage else None,
-                cut=cut,
+                cut=fault is not None and fault.name == "cut",
                 latency=latency,
                 chunks=chunks,
                 refusal=refusal,
+                rec=rec,
             )
 
         if latency > 0:
@@ -581,6 +579,7 @@ class FakeOpenAI:
         latency: float,
         chunks: int,
         refusal: bool = False,
+        rec: RecordedRequest | None = None,
     ) -> web.StreamResponse:
         include_usage = usage is not None
         base = {
@@ -637,9 +636,12 @@ class FakeOpenAI:
                 data["usage"] = usage
                 pending.append(b"data: " + _dumps(data) + b"\n\n")
             pending.append(b"data: [DONE]\n\n")
+            if rec is not None:  # before the client can see it
+                rec.usage = usage
             await resp.write_eof(b"".join(pending))
-        except ConnectionError:
-            pass  # the client went away
+        except ConnectionError:  # the client went away
+            if rec is not None:
+                rec.usage = None
         return resp
 
     def _invalid_key(self, key: str) -> web.Response:
