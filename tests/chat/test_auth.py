@@ -398,3 +398,11 @@ def test_local_development_allows_anonymous_use_by_default():
     shown = _manage(*SHOW_SETTING)
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.strip() == "True"
+
+
+def test_the_schema_documents_both_token_forms(client):
+    schema = client.get("/api/schema/", HTTP_ACCEPT="application/json").json()
+    scheme = schema["components"]["securitySchemes"]["tokenAuth"]
+    assert scheme["in"] == "header" and scheme["name"] == "Authorization"
+    assert "Token <key>" in scheme["description"] and "Bearer <key>" in scheme["description"]
+    assert {"tokenAuth": []} in schema["paths"]["/api/usage/"]["get"]["security"]
