@@ -4,8 +4,10 @@
 #   bash postman/run.sh            (or: make postman)
 #
 # Installs newman under postman/.npm if needed, starts tests/fake_openai.py and the service
-# (`make run`) on free ports with a throwaway SQLite database, waits for the API, runs newman and
-# stops both servers on exit. The exit code is newman's. Extra arguments go to newman.
+# (`make run`) on free ports with a throwaway SQLite database and anonymous use off (as in
+# production), waits for it, creates an API token with `manage.py create_token`, runs newman
+# with it (the collection sends `Authorization: Token <token>`) and stops both servers on exit.
+# The exit code is newman's. Extra arguments go to newman.
 set -euo pipefail
 
 NEWMAN_VERSION="6.2.2" # works with Node >= 16
@@ -17,6 +19,7 @@ NEWMAN="$NPM_PREFIX/node_modules/.bin/newman"
 COLLECTION="postman/chat-api.postman_collection.json"
 ENVIRONMENT="postman/chat-api.postman_environment.json"
 API_KEY="test-key"
+TOKEN_USER="postman"
 
 log() { printf '[postman] %s\n' "$*" >&2; }
 
@@ -102,12 +105,13 @@ setsid env \
     OPENAI_MAX_RETRIES=0 \
     OPENAI_TIMEOUT=5 \
     DATABASE_URL="sqlite:///$WORK/db.sqlite3" \
+    CHAT_ALLOW_ANONYMOUS=false \
     make --no-print-directory run >"$WORK/service.log" 2>&1 </dev/null &
 SERVICE_PID=$!
 log "starting the service on $BASE_URL"
 ready=0
 for _ in $(seq 1 600); do
-    if "$PY" - "$BASE_URL/api/messages/" <<'PYEOF' 2>/dev/null; then
+    if "$PY" - "$BASE_URL/readyz" <<'PYEOF' 2>/dev/null; then
 import sys, urllib.request
 with urllib.request.urlopen(sys.argv[1], timeout=2) as r:
     sys.exit(0 if r.status == 200 else 1)
@@ -119,10 +123,14 @@ PYEOF
     sleep 0.5
 done
 if [ "$ready" != 1 ]; then
-    log "the service did not answer on $BASE_URL/api/messages/"
+    log "the service did not answer on $BASE_URL/readyz"
     exit 1
 fi
 log "service ready"
+
+# --- an API token (the service has migrated the database by now) -----------------------------
+TOKEN="$(DATABASE_URL="sqlite:///$WORK/db.sqlite3" "$PY" manage.py create_token "$TOKEN_USER")"
+log "API token of user $TOKEN_USER created"
 
 # --- newman ---------------------------------------------------------------------------------
 NEWMAN_RAN=1
@@ -131,6 +139,9 @@ set +e
     --environment "$ENVIRONMENT" \
     --env-var "baseUrl=$BASE_URL" \
     --env-var "openaiApiKey=$API_KEY" \
+    --env-var "token=$TOKEN" \
+    --env-var "tokenUser=$TOKEN_USER" \
+    --env-var "anonymousAllowed=false" \
     --timeout-request 20000 \
     --color "$([ -t 1 ] && echo on || echo off)" \
     "$@"

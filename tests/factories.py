@@ -29,6 +29,17 @@ def make_message(conversation: Conversation | None = None, **fields: Any) -> Mes
     return Message.objects.create(conversation=conversation, **fields)
 
 
+def make_token(username: str) -> str:
+    """The API token of `username` (the user is created if needed)."""
+    return users.token_for(username=username)[0]
+
+
+async def amake_token(username: str) -> str:
+    from asgiref.sync import sync_to_async
+
+    return await sync_to_async(make_token)(username)
+
+
 async def amake_message(conversation: Conversation | None = None, **fields: Any) -> Message:
     from asgiref.sync import sync_to_async
 

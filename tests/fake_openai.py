@@ -76,6 +76,9 @@ class RecordedRequest:
     path: str
     headers: dict[str, str]  # lower-cased header names
     json: Any | None  # parsed JSON body, or None (no body / not JSON)
+    # The ``usage`` the server reported in its reply (None: none was sent, e.g. ``[[nousage]]``,
+    # a stream without ``include_usage``, a fault or a cut stream).
+    usage: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -322,6 +325,7 @@ class FakeOpenAI:
         path = request.path
         raw = await request.read() if request.body_exists else b""
         body: Any = None
+        rec: RecordedRequest | None = None
         if raw:
             try:
                 body = json.loads(raw)
@@ -334,7 +338,7 @@ class FakeOpenAI:
                 self.requests.append(rec)
 
         if path == "/v1/chat/completions" and method == "POST":
-            return await self._chat(request, raw, body)
+            return await self._chat(request, raw, body, rec)
         if method == "GET":
             if path == "/v1/models":
                 return web.Response(
@@ -363,7 +367,9 @@ class FakeOpenAI:
         with self._lock:
             return self._faults.popleft() if self._faults else None
 
-    async def _chat(self, request: BaseRequest, raw: bytes, body: Any) -> web.StreamResponse:
+    async def _chat(
+        self, request: BaseRequest, raw: bytes, body: Any, rec: RecordedRequest | None = None
+    ) -> web.StreamResponse:
         stream = isinstance(body, dict) and body.get("stream") is True
 
         fault = self._pop_fault()
@@ -531,10 +537,13 @@ class FakeOpenAI:
                 latency=latency,
                 chunks=chunks,
                 refusal=refusal,
+                rec=rec,
             )
 
         if latency > 0:
             await asyncio.sleep(latency)
+        if rec is not None and not no_usage:
+            rec.usage = usage
         reply = {"role": "assistant", "content": text, "refusal": None}
         if refusal:
             reply = {"role": "assistant", "content": None, "refusal": text}
@@ -570,6 +579,7 @@ class FakeOpenAI:
         latency: float,
         chunks: int,
         refusal: bool = False,
+        rec: RecordedRequest | None = None,
     ) -> web.StreamResponse:
         include_usage = usage is not None
         base = {
@@ -626,9 +636,12 @@ class FakeOpenAI:
                 data["usage"] = usage
                 pending.append(b"data: " + _dumps(data) + b"\n\n")
             pending.append(b"data: [DONE]\n\n")
+            if rec is not None:  # before the client can see it
+                rec.usage = usage
             await resp.write_eof(b"".join(pending))
-        except ConnectionError:
-            pass  # the client went away
+        except ConnectionError:  # the client went away
+            if rec is not None:
+                rec.usage = None
         return resp
 
     def _invalid_key(self, key: str) -> web.Response:

@@ -218,7 +218,9 @@ class MessageListView(APIView):
                 "(PostgreSQL: full-text search, web-search syntax, or a substring).",
             ),
             OpenApiParameter(
-                "conversation", OpenApiTypes.INT, description="Only this conversation's messages."
+                "conversation",
+                OpenApiTypes.INT,
+                description="Only this conversation's messages (404 if it is not yours).",
             ),
         ],
         responses=PaginatedMessageSerializer,
@@ -230,6 +232,9 @@ class MessageListView(APIView):
                 "search", f"Must be at most {settings.CHAT_SEARCH_MAX_LENGTH} characters."
             )
         conversation_id = _id_param(request, "conversation")
+        if conversation_id is not None:
+            # Another user's conversation is not found, like one that does not exist (404).
+            selectors.conversation_get(owner=self.owner, conversation_id=conversation_id)
         queryset = selectors.message_list(
             owner=self.owner, search=search or None, conversation_id=conversation_id
         )

@@ -1,4 +1,4 @@
-"""Fixtures of the billing tests: users, prices, Redis (database 2 only), threads."""
+"""Fixtures of the billing tests: users, prices, Redis (one database only), threads."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from django.db import connections
 
 from billing.prices import parse_model_prices
 
-REDIS_TEST_URL = "redis://127.0.0.1:6379/2"
+# The one Redis database the tests use (they delete only the keys they create there);
+# TEST_REDIS_URL picks another, e.g. when several checkouts share one Redis server.
+REDIS_TEST_URL = os.environ.get("TEST_REDIS_URL") or "redis://127.0.0.1:6379/2"
 
 # Simple prices for arithmetic in the tests: "cheap" costs 1 micro-dollar (10**6 pico) per input
 # token and 2 per output token.
@@ -67,7 +69,8 @@ def redis_or_skip() -> None:
 
 @pytest.fixture
 def redis_keys() -> Iterator[list[str]]:
-    """Redis keys a test creates (in database 2), deleted after it; nothing else is touched."""
+    """Redis keys a test creates (in REDIS_TEST_URL's database), deleted after it; nothing else
+    is touched."""
     keys: list[str] = []
     yield keys
     if keys:
@@ -78,7 +81,7 @@ def redis_keys() -> Iterator[list[str]]:
 
 @pytest.fixture
 async def redis_backend(settings, redis_keys):
-    """REDIS_URL pointed at database 2; the loop's client is closed after the test."""
+    """REDIS_URL pointed at REDIS_TEST_URL; the loop's client is closed after the test."""
     from chat.redis_client import close_redis
 
     redis_or_skip()
