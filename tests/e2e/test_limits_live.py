@@ -29,7 +29,7 @@ from billing.limits import REDIS_KEY_PREFIX
 from chat import live
 from tests.billing.conftest import REDIS_TEST_URL, redis_or_skip
 from tests.conftest import TEST_API_KEY, parse_sse
-from tests.e2e.test_live_service import BIN, ROOT, free_port
+from tests.e2e.conftest import BIN, ROOT, free_port
 from tests.fake_openai import FakeOpenAI
 
 ANON_RATE = 5

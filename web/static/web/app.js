@@ -891,7 +891,10 @@ function startRename(item, conversation) {
     if (save && title && title !== conversation.title) {
       try {
         const updated = await api(url.conversation(conversation.id), { method: "PATCH", body: { title } });
-        Object.assign(conversation, updated);
+        // The list may have been reloaded meanwhile: update the entry it holds now.
+        for (const entry of [conversation, ...state.conversations.filter((c) => c.id === conversation.id)]) {
+          Object.assign(entry, updated);
+        }
         if (conversation.id === state.currentId) setTitle(updated.title);
         announce(`Renamed to ${updated.title}.`);
       } catch (error) {
