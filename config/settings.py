@@ -85,17 +85,19 @@ MIDDLEWARE = [
     # Outermost: the request id, the HTTP metrics and the request's log line cover everything
     # below, static files and errors included.
     "config.middleware.RequestObservabilityMiddleware",
-    "django.middleware.security.SecurityMiddleware",
+    # Django's middleware; those whose hooks do no I/O in async-native form (their hooks run on
+    # the event loop instead of a thread each: config/django_middleware.py).
+    "config.django_middleware.SecurityMiddleware",
     # Serves the static files (admin, Swagger UI, the chat page) from the app server itself;
     # ServeStatic is WhiteNoise's async-native fork (WhiteNoise's sync-only middleware would
     # move every request's middleware chain to a thread and back).
     "servestatic.middleware.ServeStaticMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
-    "django.middleware.common.CommonMiddleware",
-    "django.middleware.csrf.CsrfViewMiddleware",
-    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "config.django_middleware.CommonMiddleware",
+    "config.django_middleware.CsrfViewMiddleware",
+    "config.django_middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
-    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "config.django_middleware.XFrameOptionsMiddleware",
 ]
 
 ROOT_URLCONF = "config.urls"

@@ -1,0 +1,68 @@
+"""The async-native variants of Django's middleware (config/django_middleware.py) behave as
+Django's own: security headers and redirects, slash redirects, CSRF, the lazy user, framing."""
+
+from __future__ import annotations
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.core.exceptions import ImproperlyConfigured
+from django.http import HttpResponse
+from django.test import Client, RequestFactory
+
+from config import django_middleware
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+async def test_security_and_framing_headers_are_set(api):
+    response = await api.get("/healthz")
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["Referrer-Policy"] == "same-origin"
+    assert response.headers["X-Frame-Options"] == "DENY"
+
+
+async def test_https_redirect_when_configured(settings):
+    settings.SECURE_SSL_REDIRECT = True  # read when the middleware is built
+
+    async def view(request):
+        return HttpResponse("reached")
+
+    middleware = django_middleware.SecurityMiddleware(view)
+    response = await middleware(RequestFactory().get("/api/messages/"))
+    assert response.status_code == 301
+    assert response["Location"] == "https://testserver/api/messages/"
+
+
+async def test_a_missing_slash_is_redirected(api):
+    response = await api.get("/api/messages")
+    assert response.status_code == 301 and response.headers["Location"] == "/api/messages/"
+
+
+async def test_a_form_post_without_its_csrf_token_is_refused_and_with_it_accepted(api):
+    await get_user_model().objects.acreate_user(username="ann", password="pw-for-tests")
+    refused = await api.post("/login/", data={"username": "ann", "password": "pw-for-tests"})
+    assert refused.status_code == 403
+    page = await api.get("/login/")
+    token = api.cookies["csrftoken"]
+    assert token and page.status_code == 200
+    accepted = await api.post(
+        "/login/",
+        data={"username": "ann", "password": "pw-for-tests", "csrfmiddlewaretoken": token},
+        headers={"Referer": "http://127.0.0.1/login/"},
+    )
+    assert accepted.status_code == 302 and "sessionid" in api.cookies
+
+
+async def test_the_logged_in_user_reaches_the_admin(api):
+    await get_user_model().objects.acreate_superuser(username="root", password="pw-for-tests")
+    client = Client()
+    await client.aforce_login(await get_user_model().objects.aget(username="root"))
+    api.cookies["sessionid"] = client.cookies["sessionid"].value
+    response = await api.get("/admin/")
+    assert response.status_code == 200 and "Site administration" in response.text
+
+
+def test_tokens_kept_in_the_session_are_refused_at_startup(settings):
+    settings.CSRF_USE_SESSIONS = True
+    with pytest.raises(ImproperlyConfigured):
+        django_middleware.CsrfViewMiddleware(lambda request: None)
