@@ -17,4 +17,6 @@ class ChatConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        from chat import checks  # noqa: F401  (registers them)
+
         connection_created.connect(_register_sqlite_functions, dispatch_uid="chat-sqlite-casefold")

@@ -66,3 +66,12 @@ def test_tokens_kept_in_the_session_are_refused_at_startup(settings):
     settings.CSRF_USE_SESSIONS = True
     with pytest.raises(ImproperlyConfigured):
         django_middleware.CsrfViewMiddleware(lambda request: None)
+
+
+def test_the_deploy_check_still_wants_the_security_middleware(settings):
+    from chat.checks import middleware_present
+
+    assert middleware_present() == []
+    settings.MIDDLEWARE = [m for m in settings.MIDDLEWARE if "Csrf" not in m]
+    [warning] = middleware_present()
+    assert "CsrfViewMiddleware" in warning.msg
