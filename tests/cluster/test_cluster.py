@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,9 +24,8 @@ import pytest
 
 from tests.conftest import TEST_API_KEY
 from tests.fake_openai import FakeOpenAI
+from tests.live import free_port, manage, start_uvicorn, stop, wait_until_serving
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 POSTGRES = os.environ.get("CLUSTER_POSTGRES_URL", "")
 REDIS = os.environ.get("CLUSTER_REDIS_URL", "")
 DATABASE = "chat_cluster"
@@ -58,14 +56,7 @@ class Cluster:
     tokens: dict[str, str] = field(default_factory=dict)
 
     def manage(self, *args: str) -> str:
-        done = subprocess.run(
-            [BIN / "python", "manage.py", *args],
-            cwd=ROOT,
-            env=self.env,
-            check=True,
-            capture_output=True,
-            text=True,
-        )
+        done = manage(self.env, *args)
         return done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
 
     def query(self, sql: str, *params: object) -> list[tuple]:
@@ -73,47 +64,12 @@ class Cluster:
             return db.execute(sql, params).fetchall()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start_host(name: str, env: dict[str, str], directory: Path) -> Host:
-    port = _free_port()
+    port = free_port()
     log = directory / f"{name}.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [
-                BIN / "uvicorn",
-                "config.asgi:application",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--loop",
-                "uvloop",
-                "--http",
-                "httptools",
-                "--no-access-log",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return Host(name, port, process, log)
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{name} did not start:\n{log.read_text()}")
-        time.sleep(0.1)
+    process = start_uvicorn(port, env, log)
+    wait_until_serving(process, log, port, timeout=30)
+    return Host(name, port, process, log)
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +109,7 @@ def cluster(fake, tmp_path_factory) -> Iterator[Cluster]:
 
     redis.Redis.from_url(REDIS).flushdb()
     directory = tmp_path_factory.mktemp("cluster")
-    subprocess.run([BIN / "python", "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
+    manage(env, "migrate", "-v0")
     hosts = [_start_host(name, env, directory) for name in ("a", "b")]
     cluster = Cluster(hosts, env)
     for user in ("limited-a", "budgeted"):
@@ -163,10 +119,8 @@ def cluster(fake, tmp_path_factory) -> Iterator[Cluster]:
             f"from chat.services.users import token_for; print(token_for(username={user!r})[0])",
         )
     yield cluster
-    for host in hosts:
-        if host.process.poll() is None:
-            host.process.terminate()
-            host.process.wait(timeout=15)
+    for host in cluster.hosts:
+        stop(host.process)
 
 
 def _events(text: str) -> list[tuple[str, dict]]:

@@ -7,11 +7,8 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import socket
 import sqlite3
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,15 +17,9 @@ import pytest
 
 from tests.conftest import TEST_API_KEY
 from tests.fake_openai import FakeOpenAI
+from tests.live import BIN, ROOT, free_port, manage, start_uvicorn, stop, wait_until_serving
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+__all__ = ["BIN", "ROOT", "LiveService", "free_port", "read_event"]
 
 
 @dataclass
@@ -106,48 +97,11 @@ def live_service(request, tmp_path, fake) -> Iterator[LiveService]:
         "LOG_FORMAT": "json",
         **extra_env,
     }
-    subprocess.run([BIN / "python", "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
-    subprocess.run(
-        [BIN / "python", "manage.py", "collectstatic", "--noinput", "-v0"],
-        cwd=ROOT,
-        env=env,
-        check=True,
-    )
+    manage(env, "migrate", "-v0")
+    manage(env, "collectstatic", "--noinput", "-v0")
     log_path = tmp_path / "service.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [
-                BIN / "uvicorn",
-                "config.asgi:application",
-                "--port",
-                str(port),
-                "--loop",
-                "uvloop",
-                "--http",
-                "httptools",
-                "--no-access-log",
-                "--timeout-graceful-shutdown",
-                "1",
-                "--workers",
-                str(workers),
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    process = start_uvicorn(port, env, log_path, workers=workers)
+    wait_until_serving(process, log_path, port, workers=workers)
     service = LiveService(port, process, db_path, log_path)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            if service.request("GET", "/api/messages/")[0] == 200:
-                break
-        except OSError:
-            pass
-        assert process.poll() is None, log_path.read_text()
-        assert time.monotonic() < deadline, log_path.read_text()
-        time.sleep(0.1)
     yield service
-    if process.poll() is None:
-        process.terminate()
-        process.wait(timeout=15)
+    stop(process)

@@ -29,8 +29,8 @@ from billing.limits import REDIS_KEY_PREFIX
 from chat import live
 from tests.billing.conftest import REDIS_TEST_URL, redis_or_skip
 from tests.conftest import TEST_API_KEY, parse_sse
-from tests.e2e.conftest import BIN, ROOT, free_port
 from tests.fake_openai import FakeOpenAI
+from tests.live import BIN, ROOT, free_port, start_uvicorn, stop, wait_until_serving
 
 ANON_RATE = 5
 CAP = 2
@@ -94,40 +94,6 @@ class Deployment:
 
     def log(self) -> str:
         return "\n".join(path.read_text() for path in self.logs)
-
-
-def _start(port: int, workers: int, env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    with open(log_path, "wb") as log:
-        return subprocess.Popen(
-            [
-                BIN / "uvicorn",
-                "config.asgi:application",
-                "--port",
-                str(port),
-                "--loop",
-                "uvloop",
-                "--http",
-                "httptools",
-                "--no-access-log",
-                "--timeout-graceful-shutdown",
-                "1",
-                "--workers",
-                str(workers),
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def _wait_until_serving(process: subprocess.Popen, log_path: Path, workers: int) -> None:
-    """Every worker process has completed its startup."""
-    deadline = time.monotonic() + 90  # slow on a busy machine: each worker loads Django
-    while log_path.read_text().count("Application startup complete") < workers:
-        assert process.poll() is None, log_path.read_text()
-        assert time.monotonic() < deadline, log_path.read_text()
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -198,9 +164,9 @@ def deployment(request, tmp_path, fake_server, migrated_db) -> Iterator[Deployme
     try:
         with ExitStack() as stack:
             for port, log_path in zip(ports, logs, strict=True):
-                process = _start(port, workers, env, log_path)
-                stack.callback(_stop, process)
-                _wait_until_serving(process, log_path, workers)
+                process = start_uvicorn(port, env, log_path, workers=workers)
+                stack.callback(stop, process)
+                wait_until_serving(process, log_path, port, workers=workers)
             yield deployment
     finally:
         if use_redis:
@@ -217,12 +183,6 @@ def _delete_redis_keys(deployment: Deployment) -> None:
     client = redis.Redis.from_url(REDIS_TEST_URL)
     client.delete(*keys)
     client.close()
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        process.wait(timeout=15)
 
 
 def _all_at_once(count: int, fn) -> list:

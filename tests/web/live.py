@@ -9,19 +9,15 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import TEST_API_KEY
+from tests.live import BIN, ROOT, free_port, start_uvicorn, stop, wait_until_serving
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -46,12 +42,6 @@ def require_chromium() -> None:
 
 def launch_browser(playwright):
     return playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -79,13 +69,7 @@ class Service:
             return response.status, raw.decode(errors="replace")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
+        stop(self.process)
 
 
 def _base_env(database: Path, openai_url: str, settings: dict[str, str]) -> dict[str, str]:
@@ -157,37 +141,11 @@ def start_service(
     env = _base_env(path, openai_url, settings)
     port = free_port()
     log_path = directory / "service.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [
-                BIN / "uvicorn",
-                "config.asgi:application",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--loop",
-                "uvloop",
-                "--http",
-                "httptools",
-                "--no-access-log",
-                "--timeout-graceful-shutdown",
-                "1",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    process = start_uvicorn(port, env, log_path)
     service = Service(port, process, env, log_path)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if service.request("GET", "/healthz")[0] == 200:
-                return service
-        except OSError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            service.stop()
-            raise RuntimeError(f"the service did not start:\n{log_path.read_text()}")
-        time.sleep(0.1)
+    try:
+        wait_until_serving(process, log_path, port, timeout=30)
+    except RuntimeError:
+        service.stop()
+        raise
+    return service
