@@ -203,20 +203,28 @@ def _bad_response(detail: str) -> errors.UpstreamBadResponse:
     )
 
 
-async def complete(*, messages: Sequence[ChatTurn], options: GenerationOptions) -> Completion:
-    """One non-streaming chat completion; OPENAI_TIMEOUT bounds it, retries included."""
+async def _create(
+    messages: Sequence[ChatTurn], options: GenerationOptions, **stream: Any
+) -> Any:
+    """`client.chat.completions.create()` for these messages, retried within OPENAI_TIMEOUT."""
     client = _upstream().client
     headers = _request_headers()
+    deadline = asyncio.get_running_loop().time() + settings.OPENAI_TIMEOUT
+    return await _with_retries(
+        lambda: client.chat.completions.create(
+            messages=list(messages),  # type: ignore[arg-type]
+            extra_headers=headers,
+            **options.as_request_kwargs(),
+            **stream,
+        ),
+        deadline,
+    )
+
+
+async def complete(*, messages: Sequence[ChatTurn], options: GenerationOptions) -> Completion:
+    """One non-streaming chat completion; OPENAI_TIMEOUT bounds it, retries included."""
     with _ObservedCall(options.model) as call:
-        deadline = asyncio.get_running_loop().time() + settings.OPENAI_TIMEOUT
-        response = await _with_retries(
-            lambda: client.chat.completions.create(
-                messages=list(messages),  # type: ignore[arg-type]
-                extra_headers=headers,
-                **options.as_request_kwargs(),
-            ),
-            deadline,
-        )
+        response = await _create(messages, options)
         if not response.choices:
             raise _bad_response("no choices")
     choice = response.choices[0]
@@ -241,19 +249,9 @@ async def stream(
     between chunks, not the whole generation. A stream that ends without a finish_reason raises
     `UpstreamTruncated`.
     """
-    client = _upstream().client
-    headers = _request_headers()
     with _ObservedCall(options.model) as call:
-        deadline = asyncio.get_running_loop().time() + settings.OPENAI_TIMEOUT
-        response = await _with_retries(
-            lambda: client.chat.completions.create(
-                messages=list(messages),  # type: ignore[arg-type]
-                stream=True,
-                stream_options={"include_usage": True},
-                extra_headers=headers,
-                **options.as_request_kwargs(),
-            ),
-            deadline,
+        response = await _create(
+            messages, options, stream=True, stream_options={"include_usage": True}
         )
         parts: list[str] = []
         refusal_parts: list[str] = []
