@@ -59,9 +59,11 @@ class AccountAdmin(admin.ModelAdmin):
 
     def _status(self, account: Account) -> selectors.BudgetStatus:
         # One status per account and page view, shared by the columns below.
-        if not hasattr(account, "_billing_status"):
-            account._billing_status = selectors.budget_status(user=account.user_id)
-        return account._billing_status
+        status = getattr(account, "_billing_status", None)
+        if status is None:
+            status = selectors.budget_status(user=account.user_id)
+            account._billing_status = status  # type: ignore[attr-defined]
+        return status
 
     @admin.display(description="Budget now")
     def budget_now(self, account: Account) -> str:

@@ -44,7 +44,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 REDIS_KEY_PREFIX = "chat:ratelimit:"
-KEY_MAX_LENGTH = RateLimitHit._meta.get_field("key").max_length
+KEY_MAX_LENGTH: int = RateLimitHit._meta.get_field("key").max_length  # type: ignore[assignment]
 # First key of the two-key form of PostgreSQL's advisory locks, so that these locks never
 # collide with other advisory locks of the application.
 ADVISORY_LOCK_NAMESPACE = 0x62696C6C  # "bill"

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
-from django.contrib.auth.base_user import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db.models import Count, Sum
 from django.utils import timezone
 
@@ -16,7 +16,7 @@ from billing.money import to_pico, usd_str
 from billing.periods import period_bounds
 
 # A user, or a user's id (callers often hold only message.owner_id).
-UserRef = AbstractBaseUser | int
+UserRef = User | int
 
 __all__ = [
     "BudgetStatus",
@@ -41,7 +41,7 @@ def effective_budget(account: Account | None) -> int | None:
     mode = account.budget_mode if account is not None else BudgetMode.DEFAULT
     if mode == BudgetMode.UNLIMITED:
         return None
-    if mode == BudgetMode.LIMITED:
+    if mode == BudgetMode.LIMITED and account is not None:
         # The database refuses a limited account without an amount; 0 would fail closed.
         return to_pico(account.budget_usd) if account.budget_usd is not None else 0
     default = settings.CHAT_USER_BUDGET_USD

@@ -52,11 +52,11 @@ __all__ = [
     "settle",
 ]
 
-OUTCOME_MAX_LENGTH = LedgerEntry._meta.get_field("outcome").max_length
+OUTCOME_MAX_LENGTH: int = LedgerEntry._meta.get_field("outcome").max_length  # type: ignore[assignment]
 # A chat message, its id, or None.
 MessageRef = Message | int | None
 
-WORKER_ID_MAX_LENGTH = Reservation._meta.get_field("worker_id").max_length
+WORKER_ID_MAX_LENGTH: int = Reservation._meta.get_field("worker_id").max_length  # type: ignore[assignment]
 _budget_field = Account._meta.get_field("budget_usd")
 MAX_BUDGET_USD = Decimal(10) ** (_budget_field.max_digits - _budget_field.decimal_places)
 

@@ -24,7 +24,7 @@ REQUIRED_MIDDLEWARE = {
 @checks.register(checks.Tags.security, deploy=True)
 def middleware_present(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     installed = [import_string(path) for path in settings.MIDDLEWARE]
-    problems = []
+    problems: list[checks.CheckMessage] = []
     for silenced, required in REQUIRED_MIDDLEWARE.items():
         base = import_string(required)
         if not any(isinstance(cls, type) and issubclass(cls, base) for cls in installed):

@@ -18,6 +18,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from redis.exceptions import RedisError
 
@@ -61,7 +62,7 @@ class Publisher:
 
     def __init__(self, message_id: int) -> None:
         self.key = _key(message_id)
-        self._pending: list[dict[str, str]] = []
+        self._pending: list[dict[Any, Any]] = []
         self._flush: asyncio.Task | None = None
         self._failed = False
         self._started = False
@@ -118,7 +119,8 @@ async def follow(message_id: int, *, heartbeat: float) -> AsyncIterator[LiveEven
     last_id = "0"
     first_read = True
     while True:
-        found = await client.xread({key: last_id}, block=max(1, int(heartbeat * 1000)))
+        # [(key, [(entry id, {field: value})...])] (redis-py's RESP2 reply)
+        found: Any = await client.xread({key: last_id}, block=max(1, int(heartbeat * 1000)))
         if not found:
             first_read = False
             yield Quiet()

@@ -203,9 +203,7 @@ def _bad_response(detail: str) -> errors.UpstreamBadResponse:
     )
 
 
-async def _create(
-    messages: Sequence[ChatTurn], options: GenerationOptions, **stream: Any
-) -> Any:
+async def _create(messages: Sequence[ChatTurn], options: GenerationOptions, **stream: Any) -> Any:
     """`client.chat.completions.create()` for these messages, retried within OPENAI_TIMEOUT."""
     client = _upstream().client
     headers = _request_headers()
@@ -329,7 +327,7 @@ class _ObservedCall:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         traceback: types.TracebackType | None,
-    ) -> bool:
+    ) -> None:
         if exc is None:
             outcome = "ok"
         elif isinstance(exc, errors.ApplicationError):
@@ -341,7 +339,7 @@ class _ObservedCall:
         metrics.observe_upstream_call(
             model=self.model, outcome=outcome, seconds=time.monotonic() - self.started
         )
-        return False
+        return None
 
     def first_token(self) -> None:
         metrics.observe_first_token(model=self.model, seconds=time.monotonic() - self.started)
@@ -387,11 +385,12 @@ def _translate(exc: BaseException) -> BaseException:
     if isinstance(exc, (TimeoutError, openai.APITimeoutError)):
         return errors.UpstreamTimeout()
     if isinstance(exc, openai.RateLimitError):
-        retry_after = exc.response.headers.get("retry-after")
-        headers = {"Retry-After": retry_after} if retry_after and retry_after.isdigit() else {}
+        retry_after = exc.response.headers.get("retry-after") or ""
+        if not retry_after.isdigit():
+            return errors.UpstreamRateLimited()
         return errors.UpstreamRateLimited(
-            extra={"upstream_status": 429, "retry_after": int(retry_after)} if headers else {},
-            headers=headers,
+            extra={"upstream_status": 429, "retry_after": int(retry_after)},
+            headers={"Retry-After": retry_after},
         )
     if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
         return errors.UpstreamAuthenticationFailed(extra={"upstream_status": exc.status_code})

@@ -76,7 +76,7 @@ def run_dir(base: Path) -> Path:
 
 def remove_dead_runs(base: Path, *, keep: Path) -> list[Path]:
     """Remove the run directories under `base` whose owner process is gone; returns them."""
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(base.iterdir())
     except FileNotFoundError:
@@ -94,7 +94,7 @@ def remove_dead_runs(base: Path, *, keep: Path) -> list[Path]:
 
 def dead_live_gauge_pids(directory: Path) -> set[int]:
     """Pids of processes gone without their live-gauge files removed (a killed worker)."""
-    pids = set()
+    pids: set[int] = set()
     try:
         names = os.listdir(directory)
     except FileNotFoundError:

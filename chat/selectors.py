@@ -6,7 +6,7 @@ Every read of a user's data takes the user (`owner`): another user's id is simpl
 from __future__ import annotations
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import DatabaseError, connection
 from django.db.models import F, Func, Q, QuerySet, TextField
 
@@ -67,7 +67,7 @@ def _text_search(queryset: QuerySet[Message], term: str) -> QuerySet[Message]:
 
 
 def message_list(
-    *, owner: AbstractBaseUser, search: str | None = None, conversation_id: int | None = None
+    *, owner: User, search: str | None = None, conversation_id: int | None = None
 ) -> QuerySet[Message]:
     """The owner's messages oldest first, in a stable order (served by
     `message_owner_created_idx`, or `message_conversation_idx` for one conversation)."""
@@ -82,7 +82,7 @@ def message_list(
     return queryset
 
 
-def message_get(*, owner: AbstractBaseUser, message_id: int, for_update: bool = False) -> Message:
+def message_get(*, owner: User, message_id: int, for_update: bool = False) -> Message:
     queryset = Message.objects.select_for_update() if for_update else Message.objects
     try:
         return queryset.get(pk=message_id, owner=owner)
@@ -96,13 +96,13 @@ def message_state(*, message_id: int) -> Message | None:
     return Message.objects.filter(pk=message_id).first()
 
 
-def conversation_list(*, owner: AbstractBaseUser) -> QuerySet[Conversation]:
+def conversation_list(*, owner: User) -> QuerySet[Conversation]:
     """Newest activity first (served by `conversation_owner_idx`)."""
     return Conversation.objects.filter(owner=owner).order_by("-updated_at", "-id")
 
 
 def conversation_get(
-    *, owner: AbstractBaseUser, conversation_id: int, for_update: bool = False
+    *, owner: User, conversation_id: int, for_update: bool = False
 ) -> Conversation:
     queryset = Conversation.objects.select_for_update() if for_update else Conversation.objects
     try:
@@ -111,7 +111,7 @@ def conversation_get(
         raise NotFound(f"Conversation {conversation_id} does not exist.") from None
 
 
-def conversation_messages(*, owner: AbstractBaseUser, conversation_id: int) -> list[Message]:
+def conversation_messages(*, owner: User, conversation_id: int) -> list[Message]:
     return list(Message.objects.filter(owner=owner, conversation_id=conversation_id).order_by("id"))
 
 

@@ -28,13 +28,13 @@ class HooksOnTheLoop:
 
     sync_capable = False
     async_capable = True
-    get_response: Callable[[HttpRequest], Awaitable[HttpResponseBase]]
 
     async def __call__(self, request: HttpRequest) -> HttpResponseBase:
         response = None
         if hasattr(self, "process_request"):
             response = self.process_request(request)
-        response = response or await self.get_response(request)
+        get_response: Callable[[HttpRequest], Awaitable[HttpResponseBase]] = self.get_response  # type: ignore[attr-defined]
+        response = response or await get_response(request)
         if hasattr(self, "process_response"):
             response = self.process_response(request, response)
         return response
@@ -57,9 +57,15 @@ class CsrfViewMiddleware(HooksOnTheLoop, csrf.CsrfViewMiddleware):
             )
         super().__init__(get_response)
 
-    async def process_view(self, request: HttpRequest, *args: Any) -> HttpResponseBase | None:
+    async def process_view(  # type: ignore[override]  # a coroutine: Django awaits it
+        self,
+        request: HttpRequest,
+        callback: Callable[..., HttpResponseBase],
+        callback_args: tuple[Any, ...],
+        callback_kwargs: dict[str, Any],
+    ) -> HttpResponseBase | None:
         # A coroutine, so that Django awaits it instead of sending it to a thread.
-        return super().process_view(request, *args)
+        return super().process_view(request, callback, callback_args, callback_kwargs)
 
 
 class AuthenticationMiddleware(HooksOnTheLoop, auth.AuthenticationMiddleware):

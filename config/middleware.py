@@ -56,7 +56,7 @@ def _user_id(request: HttpRequest) -> int | None:
     query here: a lazy user nobody looked at stays unknown)."""
     user = request.__dict__.get("user")
     if isinstance(user, SimpleLazyObject):
-        user = user._wrapped  # type: ignore[attr-defined]
+        user = user._wrapped
         if user is empty:
             return None
     if user is None or not getattr(user, "is_authenticated", False):

@@ -18,7 +18,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.http import HttpRequest, HttpResponseBase
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
@@ -34,7 +34,7 @@ class APIView(DRFAPIView):
     # Whether handlers act for a user (`self.owner`); off for the health probes.
     acts_for_user = True
 
-    owner: AbstractBaseUser
+    owner: User
     # The client's address for anonymous requests (their rate limits), else None.
     client_ip: str | None = None
 
@@ -49,7 +49,7 @@ class APIView(DRFAPIView):
             self.client_ip = request_context.client_ip(request.META)
 
     def _handler(self, request: Request) -> Callable[..., Any]:
-        method = request.method.lower()
+        method = (request.method or "").lower()
         if method in self.http_method_names:
             return getattr(self, method, self.http_method_not_allowed)
         return self.http_method_not_allowed
@@ -60,7 +60,9 @@ class APIView(DRFAPIView):
         self.initial(request, *args, **kwargs)
         return handler(request, *args, **kwargs)
 
-    async def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+    async def dispatch(  # type: ignore[override]  # a coroutine: view_is_async
+        self, request: HttpRequest, *args: Any, **kwargs: Any
+    ) -> HttpResponseBase:
         self.args = args
         self.kwargs = kwargs
         request = self.initialize_request(request, *args, **kwargs)
@@ -78,11 +80,14 @@ class APIView(DRFAPIView):
                 response = await db.run(self._initial_then, handler, request, *args, **kwargs)
         except Exception as exc:
             response = self.handle_exception(exc)
-        self.response = self.finalize_response(request, response, *args, **kwargs)
-        return self.response
+        final = self.finalize_response(request, response, *args, **kwargs)
+        self.response = final  # type: ignore[assignment]  # or a streaming response
+        return final
 
-    def finalize_response(self, request, response, *args, **kwargs):  # type: ignore[override]
-        response = super().finalize_response(request, response, *args, **kwargs)
+    def finalize_response(  # type: ignore[override]  # streaming responses too
+        self, request: Request, response: HttpResponseBase, *args: Any, **kwargs: Any
+    ) -> HttpResponseBase:
+        response = super().finalize_response(request, response, *args, **kwargs)  # type: ignore[arg-type]
         # Errors are JSON whatever the client asked for (e.g. Accept: text/event-stream).
         if isinstance(response, Response) and response.status_code >= 400:
             response.accepted_renderer = JSONRenderer()

@@ -80,11 +80,13 @@ def error_payload(exc: BaseException) -> tuple[dict[str, Any], int, dict[str, st
             "code": codes if isinstance(codes, str) else "error",
             "message": " ".join(_flatten(exc.detail)),
         }
-    if getattr(exc, "auth_header", None):
-        headers["WWW-Authenticate"] = exc.auth_header
-    if getattr(exc, "wait", None):
-        headers["Retry-After"] = str(int(exc.wait))
-        body["retry_after"] = int(exc.wait)
+    auth_header = getattr(exc, "auth_header", None)
+    if auth_header:
+        headers["WWW-Authenticate"] = auth_header
+    wait = getattr(exc, "wait", None)
+    if wait:
+        headers["Retry-After"] = str(int(wait))
+        body["retry_after"] = int(wait)
     return {"error": body}, exc.status_code, headers
 
 

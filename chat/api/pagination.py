@@ -17,6 +17,7 @@ import hashlib
 from django.conf import settings
 from django.core.cache import cache
 from django.core.paginator import Paginator
+from django.db.models import QuerySet
 from django.utils.functional import cached_property
 from rest_framework import pagination
 
@@ -26,15 +27,16 @@ CURSOR_PARAM = "cursor"
 class BoundedCountPaginator(Paginator):
     @cached_property
     def count(self) -> int:
+        queryset: QuerySet = self.object_list  # type: ignore[assignment]
         limit = settings.CHAT_LIST_EXACT_COUNT_LIMIT
-        counted = self.object_list[: limit + 1].count()
+        counted = queryset[: limit + 1].count()
         if counted <= limit:
             return counted
-        query = str(self.object_list.query).encode()
+        query = str(queryset.query).encode()
         key = "chat:list-count:" + hashlib.sha256(query).hexdigest()
         total = cache.get(key)
         if total is None:
-            total = self.object_list.count()
+            total = queryset.count()
             cache.set(key, total, settings.CHAT_LIST_COUNT_CACHE_SECONDS)
         return total
 

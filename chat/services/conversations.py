@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import transaction
 from django.utils import timezone
 
@@ -15,7 +15,7 @@ CONVERSATION_FIELDS = ("title", "system_prompt", "model", "temperature", "max_to
 
 def conversation_create(
     *,
-    owner: AbstractBaseUser,
+    owner: User,
     title: str = "",
     system_prompt: str = "",
     model: str = "",
@@ -36,7 +36,7 @@ def conversation_create(
 
 
 def conversation_update(
-    *, owner: AbstractBaseUser, conversation_id: int, changes: dict[str, object]
+    *, owner: User, conversation_id: int, changes: dict[str, object]
 ) -> Conversation:
     """Rename, or change the system prompt, model or generation parameters."""
     unknown = set(changes) - set(CONVERSATION_FIELDS)
@@ -54,7 +54,7 @@ def conversation_update(
     return conversation
 
 
-def conversation_delete(*, owner: AbstractBaseUser, conversation_id: int) -> None:
+def conversation_delete(*, owner: User, conversation_id: int) -> None:
     """Delete a conversation with its messages; refused while one is still generating, on any
     process. Atomic with sending: storing a new message locks the conversation's row too."""
     with transaction.atomic():

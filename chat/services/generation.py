@@ -93,7 +93,7 @@ async def _produce(
         if completion.refusal:
             _publish(generation, publisher, TextDelta(completion.refusal, refusal=True))
         return completion
-    completion: llm.Completion | None = None
+    final: llm.Completion | None = None
     last_saved: float | None = None
     save_interval = settings.CHAT_STREAM_SAVE_INTERVAL
     message_id = prepared.message.pk
@@ -105,9 +105,9 @@ async def _produce(
                 last_saved = now
                 await db.run(_record_partial, message_id, generation.text, generation.refusal)
         else:
-            completion = event
-    assert completion is not None
-    return completion
+            final = event
+    assert final is not None
+    return final
 
 
 def _record_partial(message_id: int, text: str, refusal: str) -> None:
@@ -331,21 +331,24 @@ def _reserve_title_call(message: Message, options: llm.GenerationOptions) -> int
 def _settle_title_call(
     reservation_id: int, message: Message, completion: llm.Completion | None
 ) -> None:
-    usage = completion and (completion.prompt_tokens, completion.completion_tokens)
-    if usage is None or None in usage:
-        turns = _title_turns(message)
-        usage = (
-            tokens.count_turns(turns, model=settings.OPENAI_MODEL),
-            tokens.count_text(completion.text if completion else "", model=settings.OPENAI_MODEL),
+    if (
+        completion
+        and completion.prompt_tokens is not None
+        and completion.completion_tokens is not None
+    ):
+        prompt_tokens, completion_tokens = completion.prompt_tokens, completion.completion_tokens
+        source = "upstream"
+    else:
+        prompt_tokens = tokens.count_turns(_title_turns(message), model=settings.OPENAI_MODEL)
+        completion_tokens = tokens.count_text(
+            completion.text if completion else "", model=settings.OPENAI_MODEL
         )
         source = "counted"
-    else:
-        source = "upstream"
     with transaction.atomic():
         billing.settle(
             reservation_id=reservation_id,
-            prompt_tokens=usage[0],
-            completion_tokens=usage[1],
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
             usage_source=source,
             outcome=MessageStatus.COMPLETED if completion else MessageStatus.FAILED,
             kind=LedgerKind.TITLE,

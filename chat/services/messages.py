@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 from redis.exceptions import RedisError
@@ -110,7 +110,7 @@ def _missing_conversation(conversation_id: int) -> InvalidRequest:
     return InvalidRequest(text, extra={"fields": {"conversation": [text]}})
 
 
-def _earlier_request(owner: AbstractBaseUser, idempotency_key: str, fingerprint: str) -> Message:
+def _earlier_request(owner: User, idempotency_key: str, fingerprint: str) -> Message:
     """The message an earlier request with this key stored; the same body is required."""
     existing = Message.objects.get(owner=owner, idempotency_key=idempotency_key)
     if existing.request_fingerprint != fingerprint:
@@ -120,7 +120,7 @@ def _earlier_request(owner: AbstractBaseUser, idempotency_key: str, fingerprint:
 
 def _plan(
     *,
-    owner: AbstractBaseUser,
+    owner: User,
     prompt: str,
     conversation_id: int | None,
     model: str | None,
@@ -185,7 +185,7 @@ def _plan(
 
 
 def _store_prompt(
-    *, owner: AbstractBaseUser, plan: _Plan, prompt: str, idempotency_key: str | None
+    *, owner: User, plan: _Plan, prompt: str, idempotency_key: str | None
 ) -> tuple[Message, int | None]:
     """Store the prompt as a pending message (and its new conversation) with its budget
     reservation, in one transaction: (message, reservation id).
@@ -205,13 +205,14 @@ def _store_prompt(
                 owner=owner, title=auto_title(prompt), created_at=now, updated_at=now
             )
         else:
-            conversation = (
+            locked = (
                 Conversation.objects.select_for_update()
                 .filter(pk=plan.conversation_id, owner=owner)
                 .first()
             )
-            if conversation is None:
+            if locked is None:
                 raise _missing_conversation(plan.conversation_id)
+            conversation = locked
             conversation.updated_at = now
             conversation.save(update_fields=["updated_at"])
         message = Message(
@@ -248,7 +249,7 @@ def _store_prompt(
     return message, reservation.pk
 
 
-def _replay_after_race(*, owner: AbstractBaseUser, plan: _Plan, idempotency_key: str) -> Message:
+def _replay_after_race(*, owner: User, plan: _Plan, idempotency_key: str) -> Message:
     """A concurrent request with the same key stored its message first: that one is ours."""
     try:
         return _earlier_request(owner, idempotency_key, plan.fingerprint)
@@ -264,7 +265,7 @@ def _replay_after_race(*, owner: AbstractBaseUser, plan: _Plan, idempotency_key:
 
 async def message_start(
     *,
-    owner: AbstractBaseUser,
+    owner: User,
     prompt: str,
     conversation_id: int | None = None,
     model: str | None = None,
@@ -325,7 +326,7 @@ async def message_start(
     return StartedMessage(message=message, replayed=False)
 
 
-async def _throttle(owner: AbstractBaseUser, client_ip: str | None) -> None:
+async def _throttle(owner: User, client_ip: str | None) -> None:
     """The rate limit of calls that reach the model: per user, or per client IP for anonymous
     requests (`client_ip` is given for those only). Raises RateLimited."""
     await limits.throttle(user_id=None if client_ip else owner.pk, client_ip=client_ip)
@@ -333,7 +334,7 @@ async def _throttle(owner: AbstractBaseUser, client_ip: str | None) -> None:
 
 async def message_send(
     *,
-    owner: AbstractBaseUser,
+    owner: User,
     prompt: str,
     conversation_id: int | None = None,
     model: str | None = None,
@@ -376,7 +377,7 @@ def _archived_reply(message: Message) -> dict:
 
 def _prepare_regeneration(
     *,
-    owner: AbstractBaseUser,
+    owner: User,
     message_id: int,
     model: str | None,
     temperature: float | None,
@@ -445,7 +446,7 @@ def _prepare_regeneration(
 
 async def message_regenerate(
     *,
-    owner: AbstractBaseUser,
+    owner: User,
     message_id: int,
     model: str | None = None,
     temperature: float | None = None,
@@ -530,19 +531,20 @@ def _news(state: Message, sent: dict[bool, str]) -> list[TextDelta]:
 async def _follow_live(
     message: Message, heartbeat: float | None, sent: dict[bool, str]
 ) -> AsyncIterator[GenerationEvent]:
-    async for event in live.follow(
+    state: Message | None = message
+    async for news in live.follow(
         message.pk, heartbeat=heartbeat or settings.CHAT_HEARTBEAT_INTERVAL
     ):
-        if isinstance(event, TextDelta):
-            sent[event.refusal] += event.text
-            yield event
+        if isinstance(news, TextDelta):
+            sent[news.refusal] += news.text
+            yield news
             continue
         # The end, or a quiet spell: the database says how it ended, or whether its process
         # is still alive (a writer that died publishes no end).
         state = await db.run(_poll, message.pk)
         if state is None or state.is_finished:
             break
-        if isinstance(event, live.Ended):  # regenerated since: the next generation goes on
+        if isinstance(news, live.Ended):  # regenerated since: the next generation goes on
             continue
         if heartbeat is not None:
             yield Heartbeat()
@@ -561,9 +563,9 @@ async def _follow_database(
     state = message
     while True:
         if state is None:  # deleted meanwhile
-            yield Finished(
-                original or message, rebuild("not_found", "The message was deleted.", extra={})
-            )
+            gone = original or message
+            assert gone is not None
+            yield Finished(gone, rebuild("not_found", "The message was deleted.", extra={}))
             return
         for delta in _news(state, sent):
             yield delta
@@ -614,7 +616,7 @@ def _request_stop(message_id: int) -> None:
     )
 
 
-async def message_cancel(*, owner: AbstractBaseUser, message_id: int) -> Message:
+async def message_cancel(*, owner: User, message_id: int) -> Message:
     """Stop a reply being generated, on whatever process generates it; the text so far is kept
     and the message ends `cancelled`. A message that has already ended is returned as it is."""
     message = await db.run(selectors.message_get, owner=owner, message_id=message_id)

@@ -7,16 +7,16 @@ import time
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.hashers import make_password
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 from rest_framework.authtoken.models import Token
 
 # The anonymous user, looked up once a minute rather than on every anonymous request.
 ANONYMOUS_USER_TTL = 60.0
-_anonymous: tuple[AbstractBaseUser, float] | None = None
+_anonymous: tuple[User, float] | None = None
 
 
-def anonymous_user() -> AbstractBaseUser:
+def anonymous_user() -> User:
     """The one user that requests without credentials act as (CHAT_ALLOW_ANONYMOUS), created
     on first use with an unusable password: nobody can log in as it."""
     global _anonymous
@@ -32,7 +32,7 @@ def forget_anonymous_user() -> None:
     _anonymous = None
 
 
-def _get_or_create_anonymous_user() -> AbstractBaseUser:
+def _get_or_create_anonymous_user() -> User:
     User = get_user_model()
     username = settings.CHAT_ANONYMOUS_USERNAME
     try:

@@ -31,7 +31,9 @@ class Command(BaseCommand):
             help="replace the user's existing token by a new one",
         )
 
-    def handle(self, *args: object, username: str, rotate: bool, **options: object) -> None:
+    def handle(
+        self, *args: object, username: str, rotate: bool, verbosity: int = 1, **options: object
+    ) -> None:
         User = get_user_model()
         username = username.strip()
         if username == settings.CHAT_ANONYMOUS_USERNAME:
@@ -41,10 +43,10 @@ class Command(BaseCommand):
             )
         field = User._meta.get_field(User.USERNAME_FIELD)
         try:
-            field.clean(username, None)
+            field.clean(username, None)  # type: ignore[union-attr]
         except ValidationError as exc:
             raise CommandError(f"Invalid username {username!r}: {' '.join(exc.messages)}") from None
         key, created = users.token_for(username=username, rotate=rotate)
-        if options.get("verbosity", 1) >= 2:
+        if verbosity >= 2:
             self.stderr.write("new token" if created else "existing token")
         self.stdout.write(key)
