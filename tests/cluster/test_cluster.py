@@ -110,17 +110,20 @@ def cluster(fake, tmp_path_factory) -> Iterator[Cluster]:
     redis.Redis.from_url(REDIS).flushdb()
     directory = tmp_path_factory.mktemp("cluster")
     manage(env, "migrate", "-v0")
-    hosts = [_start_host(name, env, directory) for name in ("a", "b")]
-    cluster = Cluster(hosts, env)
-    for user in ("limited-a", "budgeted"):
-        cluster.tokens[user] = cluster.manage(
-            "shell",
-            "-c",
-            f"from chat.services.users import token_for; print(token_for(username={user!r})[0])",
-        )
-    yield cluster
-    for host in cluster.hosts:
-        stop(host.process)
+    cluster = Cluster([], env)
+    try:
+        for name in ("a", "b"):
+            cluster.hosts.append(_start_host(name, env, directory))
+        for user in ("limited-a", "budgeted"):
+            cluster.tokens[user] = cluster.manage(
+                "shell",
+                "-c",
+                f"from chat.services.users import token_for; print(token_for(username={user!r})[0])",
+            )
+        yield cluster
+    finally:
+        for host in cluster.hosts:
+            stop(host.process)
 
 
 def _events(text: str) -> list[tuple[str, dict]]:
