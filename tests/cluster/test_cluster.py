@@ -115,11 +115,7 @@ def cluster(fake, tmp_path_factory) -> Iterator[Cluster]:
         for name in ("a", "b"):
             cluster.hosts.append(_start_host(name, env, directory))
         for user in ("limited-a", "budgeted"):
-            cluster.tokens[user] = cluster.manage(
-                "shell",
-                "-c",
-                f"from chat.services.users import token_for; print(token_for(username={user!r})[0])",
-            )
+            cluster.tokens[user] = cluster.manage("create_token", user)
         yield cluster
     finally:
         for host in cluster.hosts:
