@@ -122,7 +122,8 @@ def reserve(
     cap = settings.CHAT_MAX_CONCURRENT_PER_USER
     if cap and in_flight >= cap:
         raise TooManyConcurrent(
-            f"You already have {in_flight} replies being generated, the most allowed at once; "
+            f"You already have {in_flight} {'reply' if in_flight == 1 else 'replies'} being "
+            "generated, the most allowed at once; "
             "wait for one to finish.",
             extra={"limit": cap},
             headers={"Retry-After": "1"},

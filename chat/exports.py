@@ -23,7 +23,10 @@ def _markdown(conversation: dict[str, Any], messages: list[dict[str, Any]]) -> s
         heading = f"## Assistant ({message['model']})"
         if status != "completed":
             heading += f" — {status}"
-        lines += [heading, "", message["response"] or "_(no reply)_", ""]
+        if message.get("refusal"):
+            lines += [heading, "", f"_Refused: {message['refusal']}_", ""]
+        else:
+            lines += [heading, "", message["response"] or "_(no reply)_", ""]
     return "\n".join(lines)
 
 

@@ -55,6 +55,8 @@ if not SECRET_KEY:
     SECRET_KEY = _local_secret_key()
 if HTTPS:
     SECURE_SSL_REDIRECT = env.bool("DJANGO_SECURE_SSL_REDIRECT", default=True)
+    # Health probes and metrics scrapes come from inside, over plain HTTP.
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
     SECURE_HSTS_SECONDS = env.int("DJANGO_HSTS_SECONDS", default=31536000)
@@ -165,7 +167,12 @@ if REDIS_URL:
         "default": {
             "BACKEND": "django_redis.cache.RedisCache",
             "LOCATION": REDIS_URL,
-            "OPTIONS": {"CLIENT_CLASS": "django_redis.client.DefaultClient"},
+            "OPTIONS": {
+                "CLIENT_CLASS": "django_redis.client.DefaultClient",
+                # A cache that cannot be reached misses (e.g. the lists' cached counts are then
+                # counted again) instead of failing the request.
+                "IGNORE_EXCEPTIONS": True,
+            },
         }
     }
 else:

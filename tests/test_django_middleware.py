@@ -68,10 +68,11 @@ def test_tokens_kept_in_the_session_are_refused_at_startup(settings):
         django_middleware.CsrfViewMiddleware(lambda request: None)
 
 
-def test_the_deploy_check_still_wants_the_security_middleware(settings):
-    from chat.checks import middleware_present
+def test_the_deploy_checks_see_through_the_subclasses(settings):
+    from chat.checks import django_security_checks
 
-    assert middleware_present() == []
+    settings.SECURE_HSTS_SECONDS = 0
+    assert "security.W004" in {m.id for m in django_security_checks()}  # HSTS not set
+    settings.SECURE_HSTS_SECONDS = 3600
     settings.MIDDLEWARE = [m for m in settings.MIDDLEWARE if "Csrf" not in m]
-    [warning] = middleware_present()
-    assert "CsrfViewMiddleware" in warning.msg
+    assert "security.W003" in {m.id for m in django_security_checks()}  # no CSRF middleware

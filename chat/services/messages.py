@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 
 from billing import limits
 from billing import services as billing
+from billing.money import usd_str
 from chat import db, generations, live, llm, selectors, tokens
 from chat.context import build_context
 from chat.errors import (
@@ -369,7 +370,7 @@ def _archived_reply(message: Message) -> dict:
         "finish_reason": message.finish_reason,
         "prompt_tokens": message.prompt_tokens,
         "completion_tokens": message.completion_tokens,
-        "cost": message.cost,
+        "cost_usd": None if message.cost is None else usd_str(message.cost),
         "error_code": message.error_code,
         "completed_at": message.completed_at.isoformat() if message.completed_at else None,
     }
@@ -456,9 +457,9 @@ async def message_regenerate(
 ) -> Message:
     """Ask the model again for a stored prompt with the same context; the reply it replaces
     (or the failure) is kept in `previous_replies`. Also the way to retry a failed message."""
+    await db.run(selectors.message_get, owner=owner, message_id=message_id)  # 404 first
     if not llm.is_configured():
         raise ServiceNotConfigured(extra={"message_id": message_id})
-    await db.run(selectors.message_get, owner=owner, message_id=message_id)  # 404 first
     await _throttle(owner, client_ip)
     prepared = await db.run(
         _prepare_regeneration,
