@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-postgres test-cluster lint format bench bench-context bench-deep postman screenshots ci clean
+.PHONY: install run test test-postgres test-cluster lint format bench bench-context bench-deep postman screenshots clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
