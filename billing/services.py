@@ -206,7 +206,7 @@ def budget_exceeded(
 
 def settle(
     *,
-    reservation_id: int,
+    reservation: Reservation | int,
     prompt_tokens: int,
     completion_tokens: int,
     usage_source: str,
@@ -217,17 +217,20 @@ def settle(
 ) -> LedgerEntry | None:
     """Turn a reservation into a ledger entry for what the call really used.
 
-    Deletes the reservation and records the entry (priced with the current unit prices of
-    `model`, by default the reservation's) and its day's DailyUsage. Idempotent: when the
-    reservation is gone (already settled, e.g. by the crash sweeper racing a late finish) it
-    writes nothing and returns None, so a call is never charged twice.
+    `reservation` is the Reservation `reserve` returned, or its id (then read first). Deletes
+    the reservation and records the entry (priced with the current unit prices of `model`, by
+    default the reservation's) and its day's DailyUsage. Idempotent: when the reservation is
+    gone (already settled, e.g. by the crash sweeper racing a late finish) it writes nothing
+    and returns None, so a call is never charged twice.
     """
     _require_transaction("settle")
     _check_entry(prompt_tokens, completion_tokens, usage_source, outcome, kind)
     now = now or timezone.now()
-    reservation = Reservation.objects.filter(pk=reservation_id).first()
-    if reservation is None:
-        return None
+    if isinstance(reservation, int):
+        found = Reservation.objects.filter(pk=reservation).first()
+        if found is None:
+            return None
+        reservation = found
     # Deleting the row decides which of two racing settlements charges it. No account lock:
     # `reserve` reads the reservations before the spending, so a settlement committing between
     # its two reads can only make it count this call twice (refuse more), never zero times.
@@ -335,16 +338,20 @@ def _record(
         created_at=now,
     )
     day = now.astimezone(dt.UTC).date()
-    # Insert the day's row if missing (a concurrent insert is ignored), then add in SQL.
-    DailyUsage.objects.bulk_create(
-        [DailyUsage(user_id=user_id, day=day, model=price.model)], ignore_conflicts=True
-    )
-    DailyUsage.objects.filter(user_id=user_id, day=day, model=price.model).update(
-        requests=F("requests") + 1,
-        prompt_tokens=F("prompt_tokens") + prompt_tokens,
-        completion_tokens=F("completion_tokens") + completion_tokens,
-        cost=F("cost") + cost,
-    )
+    # Add in SQL to the day's row; the first charge of a day inserts it first (a concurrent
+    # insert is ignored) and adds again.
+    today = DailyUsage.objects.filter(user_id=user_id, day=day, model=price.model)
+    increments = {
+        "requests": F("requests") + 1,
+        "prompt_tokens": F("prompt_tokens") + prompt_tokens,
+        "completion_tokens": F("completion_tokens") + completion_tokens,
+        "cost": F("cost") + cost,
+    }
+    if not today.update(**increments):
+        DailyUsage.objects.bulk_create(
+            [DailyUsage(user_id=user_id, day=day, model=price.model)], ignore_conflicts=True
+        )
+        today.update(**increments)
     # Counted once the charge is committed (never for a transaction rolled back).
     transaction.on_commit(
         functools.partial(

@@ -55,7 +55,7 @@ class PreparedGeneration:
     # Tokens of the turns as counted offline: what is charged when upstream reports no usage.
     counted_tokens: int
     # The budget reservation that the outcome settles.
-    reservation_id: int | None
+    reservation: Reservation | None
     # The message started a new conversation (which the model may title).
     new_conversation: bool = False
 
@@ -145,7 +145,7 @@ def _settle(
     the message: the billing account's lock comes first). With upstream's `usage` that is
     exact; without it (a stream stopped or cut short, a server that reports none) the text is
     counted: the prompt when upstream consumed it, and what was produced. Returns the cost."""
-    if prepared.reservation_id is None:
+    if prepared.reservation is None:
         return None
     if usage is not None:
         prompt_tokens, completion_tokens = usage
@@ -155,7 +155,7 @@ def _settle(
         completion_tokens = tokens.count_text(produced, model=prepared.options.model)
         source = "counted"
     entry = billing.settle(
-        reservation_id=prepared.reservation_id,
+        reservation=prepared.reservation,
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         usage_source=source,
@@ -308,7 +308,7 @@ def _set_generated_title(conversation_id: int, expected: str, title: str) -> Non
     Conversation.objects.filter(pk=conversation_id, title=expected).update(title=title)
 
 
-def _reserve_title_call(message: Message, options: llm.GenerationOptions) -> int | None:
+def _reserve_title_call(message: Message, options: llm.GenerationOptions) -> Reservation | None:
     with transaction.atomic():
         try:
             reservation = billing.reserve(
@@ -325,11 +325,11 @@ def _reserve_title_call(message: Message, options: llm.GenerationOptions) -> int
             )
         except (BudgetExceeded, TooManyConcurrent):
             return None
-    return reservation.pk
+    return reservation
 
 
 def _settle_title_call(
-    reservation_id: int, message: Message, completion: llm.Completion | None
+    reservation: Reservation, message: Message, completion: llm.Completion | None
 ) -> None:
     if (
         completion
@@ -346,7 +346,7 @@ def _settle_title_call(
         source = "counted"
     with transaction.atomic():
         billing.settle(
-            reservation_id=reservation_id,
+            reservation=reservation,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             usage_source=source,
@@ -366,8 +366,8 @@ async def _title_from_model(message: Message) -> None:
     """Best effort, charged to the message's user like any call: a failure, or a budget that
     cannot cover it, leaves the title cut from the prompt."""
     options = llm.GenerationOptions(model=settings.OPENAI_MODEL, max_tokens=20)
-    reservation_id = await db.run(_reserve_title_call, message, options)
-    if reservation_id is None:
+    reservation = await db.run(_reserve_title_call, message, options)
+    if reservation is None:
         return
     completion = None
     try:
@@ -375,7 +375,7 @@ async def _title_from_model(message: Message) -> None:
     except ApplicationError as exc:
         logger.info("title generation failed: %s", exc.code)
     finally:
-        await asyncio.shield(db.run(_settle_title_call, reservation_id, message, completion))
+        await asyncio.shield(db.run(_settle_title_call, reservation, message, completion))
     title = " ".join(completion.text.strip().strip('"').split())[:200] if completion else ""
     if title:
         await db.run(
@@ -437,7 +437,7 @@ def _settle_orphan(message_id: int) -> None:
     for reservation in Reservation.objects.filter(message_id=message_id):
         produced = (message.response + message.refusal) if message else ""
         entry = billing.settle(
-            reservation_id=reservation.pk,
+            reservation=reservation,
             prompt_tokens=reservation.prompt_tokens,
             completion_tokens=tokens.count_text(produced, model=reservation.model),
             usage_source="counted",
@@ -456,7 +456,7 @@ def settle_expired_reservations() -> int:
     )[:500]:
         with transaction.atomic():
             entry = billing.settle(
-                reservation_id=reservation.pk,
+                reservation=reservation,
                 prompt_tokens=reservation.prompt_tokens,
                 completion_tokens=0,
                 usage_source="counted",

@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 
 from billing import limits
 from billing import services as billing
+from billing.models import Reservation
 from billing.money import usd_str
 from chat import db, generations, live, llm, selectors, tokens
 from chat.context import build_context
@@ -187,7 +188,7 @@ def _plan(
 
 def _store_prompt(
     *, owner: User, plan: _Plan, prompt: str, idempotency_key: str | None
-) -> tuple[Message, int | None]:
+) -> tuple[Message, Reservation | None]:
     """Store the prompt as a pending message (and its new conversation) with its budget
     reservation, in one transaction: (message, reservation id).
 
@@ -247,7 +248,7 @@ def _store_prompt(
             message=message,
             now=now,
         )
-    return message, reservation.pk
+    return message, reservation
 
 
 def _replay_after_race(*, owner: User, plan: _Plan, idempotency_key: str) -> Message:
@@ -301,7 +302,7 @@ async def message_start(
         return StartedMessage(message=plan.replay, replayed=True)
     await _throttle(owner, client_ip)
     try:
-        message, reservation_id = await db.run(
+        message, reservation = await db.run(
             _store_prompt, owner=owner, plan=plan, prompt=prompt, idempotency_key=idempotency_key
         )
     except IntegrityError:
@@ -319,7 +320,7 @@ async def message_start(
             turns=plan.turns,
             options=plan.options,
             counted_tokens=plan.counted_tokens,
-            reservation_id=reservation_id,
+            reservation=reservation,
             new_conversation=plan.conversation_id is None,
         ),
         stream=stream,
@@ -441,7 +442,7 @@ def _prepare_regeneration(
         turns=context.turns,
         options=options,
         counted_tokens=context.token_count,
-        reservation_id=reservation.pk,
+        reservation=reservation,
     )
 
 

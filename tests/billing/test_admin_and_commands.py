@@ -33,7 +33,7 @@ def activity(billing_settings, user):
             message=message,
         )
         services.settle(
-            reservation_id=done.pk,
+            reservation=done.pk,
             prompt_tokens=90,
             completion_tokens=50,
             usage_source="upstream",

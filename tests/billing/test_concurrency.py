@@ -40,7 +40,7 @@ def _reserve(user_id: int, worker: str):
 def _settle_in_full(reservation_id: int):
     with transaction.atomic():
         return services.settle(
-            reservation_id=reservation_id,
+            reservation=reservation_id,
             prompt_tokens=PROMPT,
             completion_tokens=COMPLETION,
             usage_source="upstream",

@@ -40,7 +40,7 @@ def reserve(user, *, prompt=100, completion=200, model="cheap", now=NOW, **kwarg
 def settle(reservation, *, prompt=100, completion=200, now=NOW, **kwargs):
     with transaction.atomic():
         return services.settle(
-            reservation_id=reservation.pk,
+            reservation=reservation.pk,
             prompt_tokens=prompt,
             completion_tokens=completion,
             usage_source=kwargs.pop("usage_source", "upstream"),
@@ -313,7 +313,7 @@ def test_reserve_and_settle_need_the_callers_transaction(billing_settings, user)
     reservation = reserve(user)
     with pytest.raises(RuntimeError, match=r"transaction\.atomic"):
         services.settle(
-            reservation_id=reservation.pk,
+            reservation=reservation.pk,
             prompt_tokens=1,
             completion_tokens=1,
             usage_source="upstream",
