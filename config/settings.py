@@ -266,7 +266,8 @@ REST_FRAMEWORK = {
     "DEFAULT_PAGINATION_CLASS": "chat.api.pagination.PageNumberPagination",
     "PAGE_SIZE": 20,
     "EXCEPTION_HANDLER": "chat.api.errors.exception_handler",
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # drf-spectacular's AutoSchema, plus every operation's error responses (chat.api.schema).
+    "DEFAULT_SCHEMA_CLASS": "chat.api.schema.ChatAutoSchema",
     # `?format=` belongs to the export endpoint (json|markdown), not to renderer selection.
     "URL_FORMAT_OVERRIDE": None,
     # Proxies in front of the service whose X-Forwarded-For is trusted for the client IP

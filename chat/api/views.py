@@ -34,14 +34,22 @@ from chat.api import sse
 from chat.api.base import APIView
 from chat.api.converters import parse_id
 from chat.api.pagination import CURSOR_PARAM, CursorPagination, PageNumberPagination
+from chat.api.schema import RATE_LIMITS, UPSTREAM, WHITESPACE_CLASS, errors
 from chat.api.serializers import (
+    MESSAGE_LIST,
+    SSE_DESCRIPTION,
+    ConversationExportSerializer,
     ConversationSerializer,
+    ExportQuerySerializer,
+    KeysetQuerySerializer,
     MessageCreateSerializer,
+    MessageListQuerySerializer,
     MessageSerializer,
     ModelListSerializer,
+    PageQuerySerializer,
     PaginatedConversationSerializer,
-    PaginatedMessageSerializer,
     RegenerateSerializer,
+    ServerSentEventSerializer,
     UsageQuerySerializer,
     UsageReportSerializer,
 )
@@ -55,14 +63,47 @@ IDEMPOTENCY_KEY_MAX_LENGTH = 255
 # The longest span of days one usage report covers.
 USAGE_MAX_DAYS = 366
 
-ERROR_EXAMPLE = {
-    "error": {
-        "status": 504,
-        "code": "upstream_timeout",
-        "message": "The model API did not answer in time.",
-        "message_id": 7,
-    }
-}
+
+# --- Schema pieces shared by the operations -------------------------------------------------
+
+IDEMPOTENCY_PARAMETER = OpenApiParameter(
+    IDEMPOTENCY_HEADER,
+    {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": IDEMPOTENCY_KEY_MAX_LENGTH,
+        "pattern": f"[^{WHITESPACE_CLASS}]",
+    },
+    OpenApiParameter.HEADER,
+    description="Any unique string (e.g. a UUID) per logical request, 1 to 255 characters, not "
+    "only whitespace.",
+)
+REPLAYED_HEADER = OpenApiParameter(
+    "Idempotent-Replayed",
+    {"type": "string", "enum": ["true"]},
+    OpenApiParameter.HEADER,
+    response=[201],
+    description="Present when the `Idempotency-Key` matched an earlier request: this is its "
+    "message, and the model was not called again.",
+)
+SSE_RESPONSE = OpenApiResponse(
+    ServerSentEventSerializer,
+    description=SSE_DESCRIPTION,
+    examples=[
+        OpenApiExample(
+            "A piece of the reply",
+            value={"event": "delta", "data": '{"content":"Hel"}'},
+            response_only=True,
+            status_codes=["200"],
+            media_type=sse.CONTENT_TYPE,
+        )
+    ],
+)
+LIST_DESCRIPTION = (
+    "Page-number pages (`?page=`, `?page_size=`) answer `{count, next, previous, results}`; "
+    "keyset pages (`?cursor=`, empty for the first page) answer `{next, previous, results}`, "
+    "each page an index range whatever its depth."
+)
 
 # MessageSerializer keeps no per-call state: one instance serves every response.
 _message_serializer = MessageSerializer()
@@ -80,10 +121,9 @@ def _idempotency_key(request: Request) -> str | None:
     key = request.META.get(IDEMPOTENCY_META_KEY)
     if key is None:
         return None
-    key = key.strip()
-    if not key or len(key) > IDEMPOTENCY_KEY_MAX_LENGTH:
-        raise _invalid(IDEMPOTENCY_HEADER, "Must be 1 to 255 characters.")
-    return key
+    if len(key) > IDEMPOTENCY_KEY_MAX_LENGTH or not key.strip():
+        raise _invalid(IDEMPOTENCY_HEADER, "Must be 1 to 255 characters, not only whitespace.")
+    return key.strip()
 
 
 def _event_stream(message: Message) -> HttpResponseBase:
@@ -98,7 +138,7 @@ def _wants_stream(request: Request, data: dict[str, Any]) -> bool:
 
 def _id_param(request: Request, name: str) -> int | None:
     raw = request.query_params.get(name)
-    if raw in (None, ""):
+    if raw is None:
         return None
     number = parse_id(raw)
     if number is None:
@@ -142,18 +182,10 @@ class MessageCreateView(APIView):
             "waits for it); the same key with another body is a 422."
         ),
         request=MessageCreateSerializer,
-        parameters=[
-            OpenApiParameter(
-                IDEMPOTENCY_HEADER,
-                OpenApiTypes.STR,
-                OpenApiParameter.HEADER,
-                required=False,
-                description="Any unique string (e.g. a UUID) per logical request.",
-            )
-        ],
+        parameters=[IDEMPOTENCY_PARAMETER, REPLAYED_HEADER],
         responses={
-            201: MessageSerializer,
-            200: OpenApiResponse(description="text/event-stream when streaming"),
+            (201, "application/json"): MessageSerializer,
+            (200, sse.CONTENT_TYPE): SSE_RESPONSE,
         },
         examples=[
             OpenApiExample("Request", value={"prompt_message": "Привет!"}, request_only=True),
@@ -168,11 +200,9 @@ class MessageCreateView(APIView):
                 response_only=True,
                 status_codes=["201"],
             ),
-            OpenApiExample(
-                "Upstream timeout", value=ERROR_EXAMPLE, response_only=True, status_codes=["504"]
-            ),
         ],
     )
+    @errors("idempotency_key_reused", *RATE_LIMITS, *UPSTREAM)
     async def post(self, request: Request) -> HttpResponseBase:
         serializer = MessageCreateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
@@ -199,27 +229,18 @@ class MessageListView(APIView):
     @extend_schema(
         operation_id="messages_list",
         summary="List messages, oldest first",
-        parameters=[
-            OpenApiParameter("page", OpenApiTypes.INT, description="Page number (from 1)."),
-            OpenApiParameter("page_size", OpenApiTypes.INT, description="Up to 100 (default 20)."),
-            OpenApiParameter(
-                "search",
-                OpenApiTypes.STR,
-                description="Case-insensitive text search over prompts and replies "
-                "(PostgreSQL: full-text search, web-search syntax, or a substring).",
-            ),
-            OpenApiParameter(
-                "conversation", OpenApiTypes.INT, description="Only this conversation's messages."
-            ),
-        ],
-        responses=PaginatedMessageSerializer,
+        description=LIST_DESCRIPTION,
+        parameters=[MessageListQuerySerializer],
+        responses=MESSAGE_LIST,
     )
+    @errors("invalid", "not_found")
     def get(self, request: Request) -> Response:
-        search = request.query_params.get("search", "").strip()
+        search = request.query_params.get("search", "")
         if len(search) > settings.CHAT_SEARCH_MAX_LENGTH:
             raise _invalid(
                 "search", f"Must be at most {settings.CHAT_SEARCH_MAX_LENGTH} characters."
             )
+        search = search.strip()
         conversation_id = _id_param(request, "conversation")
         queryset = selectors.message_list(
             owner=self.owner, search=search or None, conversation_id=conversation_id
@@ -229,7 +250,7 @@ class MessageListView(APIView):
 
 
 class MessageDetailView(APIView):
-    @extend_schema(operation_id="messages_retrieve", responses=MessageSerializer)
+    @extend_schema(operation_id="messages_retrieve", summary="A message", responses=MessageSerializer)
     def get(self, request: Request, message_id: int) -> Response:
         return Response(_serialize(selectors.message_get(owner=self.owner, message_id=message_id)))
 
@@ -245,7 +266,7 @@ class MessageStreamView(APIView):
             "to its `message` (or `error`) event. For a message that has ended, sends `start` "
             "and `message` at once."
         ),
-        responses={200: OpenApiResponse(description="text/event-stream")},
+        responses={(200, sse.CONTENT_TYPE): SSE_RESPONSE},
     )
     async def get(self, request: Request, message_id: int) -> HttpResponseBase:
         message = await db.run(selectors.message_get, owner=self.owner, message_id=message_id)
@@ -266,8 +287,12 @@ class MessageRegenerateView(APIView):
             "message is still generating."
         ),
         request=RegenerateSerializer,
-        responses={200: MessageSerializer},
+        responses={
+            (200, "application/json"): MessageSerializer,
+            (200, sse.CONTENT_TYPE): SSE_RESPONSE,
+        },
     )
+    @errors("message_in_progress", *RATE_LIMITS, *UPSTREAM)
     async def post(self, request: Request, message_id: int) -> HttpResponseBase:
         # A bare POST (no body, whatever content type) regenerates with the message's settings.
         serializer = RegenerateSerializer(data=request.data if request.body else {})
@@ -309,8 +334,10 @@ class ConversationListView(APIView):
     @extend_schema(
         operation_id="conversations_list",
         summary="List conversations, newest activity first",
+        parameters=[PageQuerySerializer],
         responses=PaginatedConversationSerializer,
     )
+    @errors("invalid", "not_found")
     def get(self, request: Request) -> Response:
         queryset = selectors.conversation_list(owner=self.owner)
         return _paginated(request, self, queryset, ConversationSerializer)
@@ -331,7 +358,11 @@ class ConversationListView(APIView):
 
 
 class ConversationDetailView(APIView):
-    @extend_schema(operation_id="conversations_retrieve", responses=ConversationSerializer)
+    @extend_schema(
+        operation_id="conversations_retrieve",
+        summary="A conversation",
+        responses=ConversationSerializer,
+    )
     def get(self, request: Request, conversation_id: int) -> Response:
         conversation = selectors.conversation_get(owner=self.owner, conversation_id=conversation_id)
         return Response(ConversationSerializer(conversation).data)
@@ -355,6 +386,7 @@ class ConversationDetailView(APIView):
         summary="Delete a conversation with its messages (409 while a reply is generating)",
         responses={204: None},
     )
+    @errors("message_in_progress")
     def delete(self, request: Request, conversation_id: int) -> Response:
         conversations.conversation_delete(owner=self.owner, conversation_id=conversation_id)
         return Response(status=status.HTTP_204_NO_CONTENT)
@@ -364,8 +396,11 @@ class ConversationMessagesView(APIView):
     @extend_schema(
         operation_id="conversations_messages",
         summary="A conversation's messages, in order",
-        responses=PaginatedMessageSerializer,
+        description=LIST_DESCRIPTION,
+        parameters=[KeysetQuerySerializer],
+        responses=MESSAGE_LIST,
     )
+    @errors("invalid")
     def get(self, request: Request, conversation_id: int) -> Response:
         selectors.conversation_get(owner=self.owner, conversation_id=conversation_id)
         queryset = selectors.message_list(owner=self.owner, conversation_id=conversation_id)
@@ -377,12 +412,24 @@ class ConversationExportView(APIView):
         operation_id="conversations_export",
         summary="Download a conversation as JSON or Markdown",
         parameters=[
+            ExportQuerySerializer,
             OpenApiParameter(
-                "format", OpenApiTypes.STR, enum=["json", "markdown"], description="Default json."
-            )
+                "Content-Disposition",
+                OpenApiTypes.STR,
+                OpenApiParameter.HEADER,
+                response=[200],
+                required=True,
+                description='`attachment; filename="conversation-ID.json"` (or `.md`).',
+            ),
         ],
-        responses={200: OpenApiResponse(description="The conversation with all its messages")},
+        responses={
+            (200, "application/json"): OpenApiResponse(
+                ConversationExportSerializer, description="The conversation with all its messages."
+            ),
+            (200, "text/markdown"): OpenApiTypes.STR,
+        },
     )
+    @errors("invalid")
     def get(self, request: Request, conversation_id: int) -> HttpResponseBase:
         export_format = request.query_params.get("format", "json")
         if export_format not in exports.FORMATS:
@@ -436,14 +483,13 @@ class UsageView(APIView):
             "USD as decimal strings, and tokens and cost by day and model between `from` and "
             "`to` (inclusive UTC dates; default: the current period)."
         ),
-        parameters=[
-            OpenApiParameter("from", OpenApiTypes.DATE, description="First day (UTC)."),
-            OpenApiParameter("to", OpenApiTypes.DATE, description="Last day (UTC), inclusive."),
-        ],
+        parameters=[UsageQuerySerializer],
         responses=UsageReportSerializer,
     )
+    @errors("invalid")
     def get(self, request: Request) -> Response:
-        dates = UsageQuerySerializer(data=request.query_params)
+        # A plain dict: DRF would read an empty `?to=` of a QueryDict as no `to` at all.
+        dates = UsageQuerySerializer(data=request.query_params.dict())
         dates.is_valid(raise_exception=True)
         status_now = budget_status(user=self.owner)
         date_from = dates.validated_data.get("from") or status_now.period_start.date()
@@ -488,7 +534,17 @@ class _ProbeView(APIView):
 class LivenessView(_ProbeView):
     """The process is up and serving (no I/O: for a load balancer's frequent probe)."""
 
-    @extend_schema(operation_id="healthz", responses={200: OpenApiTypes.OBJECT})
+    @extend_schema(
+        operation_id="healthz",
+        summary="Liveness probe",
+        responses={
+            200: {
+                "type": "object",
+                "required": ["status"],
+                "properties": {"status": {"type": "string", "enum": ["ok"]}},
+            }
+        },
+    )
     async def get(self, request: Request) -> Response:
         return Response({"status": "ok"})
 
@@ -499,8 +555,23 @@ class ReadinessView(_ProbeView):
 
     @extend_schema(
         operation_id="readyz",
-        responses={200: OpenApiTypes.OBJECT, 503: OpenApiResponse(description="Not ready")},
+        summary="Readiness probe",
+        responses={
+            200: {
+                "type": "object",
+                "required": ["status", "database", "openai_configured"],
+                "properties": {
+                    "status": {"type": "string", "enum": ["ready"]},
+                    "database": {"type": "string", "enum": ["ok"]},
+                    "openai_configured": {
+                        "type": "boolean",
+                        "description": "Whether sending is possible (OPENAI_API_KEY is set).",
+                    },
+                },
+            }
+        },
     )
+    @errors("database_unavailable")
     async def get(self, request: Request) -> Response:
         await db.run(selectors.database_ping)
         return Response(
