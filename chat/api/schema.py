@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -25,12 +26,14 @@ from drf_spectacular.extensions import (
     OpenApiSerializerFieldExtension,
 )
 from drf_spectacular.openapi import AutoSchema
+from drf_spectacular.utils import OpenApiParameter
 from rest_framework import exceptions as drf_exceptions
 from rest_framework import serializers
 from rest_framework.authentication import SessionAuthentication
 from rest_framework.permissions import SAFE_METHODS
 
 from chat import errors as app_errors
+from chat.api.converters import MAX_ID
 from chat.api.errors import RequestTooLarge
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -70,9 +73,11 @@ ERROR_CODES = sorted(ERRORS)
 
 # Groups for the `@errors` declarations of the views.
 RATE_LIMITS = ("rate_limited", "too_many_concurrent", "budget_exceeded")
-UPSTREAM = tuple(
-    cls.code for cls in _application_errors() if issubclass(cls, app_errors.UpstreamError)
-) + ("upstream_error", app_errors.ServiceNotConfigured.code)
+UPSTREAM = (
+    *(cls.code for cls in _application_errors() if issubclass(cls, app_errors.UpstreamError)),
+    "upstream_error",
+    app_errors.ServiceNotConfigured.code,
+)
 
 # Statuses whose answers carry Retry-After: always (429), or when the upstream sent one (503).
 RETRY_AFTER_STATUSES = {429: True, 503: False}
@@ -173,9 +178,7 @@ def error_example(status: int, code: str) -> dict[str, Any]:
 
 # What Python counts as whitespace (str.isspace, what str.strip() removes), as the body of a
 # regex character class that Python's `re` and ECMA-262 read alike.
-WHITESPACE_CLASS = (
-    r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-)
+WHITESPACE_CLASS = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 # Every string field rejects NUL characters (DRF's CharField). Non-empty: a field that may be
 # blank is documented as `oneOf: [this, ""]`, and the two must not overlap.
 NO_NUL_PATTERN = r"^[^\x00]+$"
@@ -194,7 +197,6 @@ class StrictCharFieldExtension(OpenApiSerializerFieldExtension):
         if direction == "request":
             schema["pattern"] = getattr(self.target, "schema_pattern", NO_NUL_PATTERN)
         return schema
-
 
 
 class ModelNameField(serializers.CharField):
@@ -276,6 +278,19 @@ class ChatAutoSchema(AutoSchema):
         if getattr(self.view, "acts_for_user", False) and settings.CHAT_ALLOW_ANONYMOUS:
             auths.append({})  # no credentials: the shared anonymous user
         return auths
+
+    def get_override_parameters(self) -> list[Any]:
+        """The ids in paths: positive 64-bit integers (chat.api.converters.IdConverter)."""
+        ids = [
+            OpenApiParameter(
+                name,
+                {"type": "integer", "format": "int64", "minimum": 1, "maximum": MAX_ID},
+                OpenApiParameter.PATH,
+                description="An id: 1 to 2^63-1 (anything else is a 404).",
+            )
+            for name in re.findall(r"{(\w+)}", self.path)
+        ]
+        return [*ids, *super().get_override_parameters()]
 
     def _handler(self) -> Any:
         return getattr(self.view, self.method.lower(), None)

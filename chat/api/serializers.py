@@ -4,6 +4,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from django.conf import settings
+from django.core.validators import RegexValidator
 from drf_spectacular.utils import PolymorphicProxySerializer, extend_schema_field
 from rest_framework import serializers
 from rest_framework.fields import empty
@@ -11,7 +12,7 @@ from rest_framework.fields import empty
 from billing.money import usd_str
 from chat.api.converters import MAX_ID
 from chat.api.pagination import MAX_PAGE_SIZE, PAGE_SIZE
-from chat.api.schema import NON_BLANK_PATTERN, ModelNameField
+from chat.api.schema import NO_NUL_PATTERN, NON_BLANK_PATTERN, ModelNameField
 from chat.exports import FORMATS
 from chat.models import Conversation, Message
 
@@ -91,8 +92,7 @@ class GenerationSettingsMixin(serializers.Serializer):
             help_text=(
                 "One of OPENAI_ALLOWED_MODELS; blank: the server default (OPENAI_MODEL)."
                 if self.model_allows_blank
-                else "One of OPENAI_ALLOWED_MODELS; default: the conversation's, else "
-                "OPENAI_MODEL."
+                else "One of OPENAI_ALLOWED_MODELS; default: the conversation's, else OPENAI_MODEL."
             ),
         )
         fields["max_tokens"] = StrictIntegerField(
@@ -367,9 +367,10 @@ class MessageListQuerySerializer(KeysetQuerySerializer):
             required=False,
             allow_blank=True,
             max_length=settings.CHAT_SEARCH_MAX_LENGTH,
+            validators=[RegexValidator(NO_NUL_PATTERN)],
             help_text="Case-insensitive text search over prompts and replies, at most "
-            "CHAT_SEARCH_MAX_LENGTH characters (PostgreSQL: full-text search, web-search "
-            "syntax, or a substring).",
+            "CHAT_SEARCH_MAX_LENGTH characters, no NUL (PostgreSQL: full-text search, "
+            "web-search syntax, or a substring).",
         )
         return fields
 
@@ -389,34 +390,33 @@ class ConversationExportSerializer(serializers.Serializer):
 
 # --- Server-Sent Events (schema only) -----------------------------------------------------------
 
-SSE_DESCRIPTION = """`text/event-stream`: the reply as it is generated. Each event is `event: NAME` then
-`data: JSON` then an empty line; `: keep-alive` comment lines come when the stream is quiet.
-
-| event | data |
-|---|---|
-| `start` | the stored `Message` as it is when the stream begins (first, once) |
-| `delta` | `{"content": "..."}`: the next piece of the reply; `{"refusal": "..."}`: of the model's refusal |
-| `message` | the complete stored `Message` (last, once, when the reply was generated) |
-| `error` | the `Error` shape, naming the stored message in `message_id` (last, once, when the reply failed) |
-
-The stream ends after `message` or `error`. OpenAPI 3.0 cannot type an event stream: the schema describes one event as an event-stream parser reads it (`event`, `data`), as OpenAPI 3.2's `itemSchema` does.
-
-```
-event: start
-data: {"id":7,"prompt_message":"Hi","response":"","status":"pending",...}
-
-event: delta
-data: {"content":"Hel"}
-
-: keep-alive
-
-event: delta
-data: {"content":"lo!"}
-
-event: message
-data: {"id":7,"prompt_message":"Hi","response":"Hello!","status":"completed",...}
-```
-"""
+SSE_DESCRIPTION = (
+    "`text/event-stream`: the reply as it is generated. Each event is `event: NAME` then "
+    "`data: JSON` then an empty line; `: keep-alive` comment lines come when the stream is "
+    "quiet.\n\n"
+    "| event | data |\n"
+    "|---|---|\n"
+    "| `start` | the stored `Message` as it is when the stream begins (first, once) |\n"
+    '| `delta` | `{"content": "..."}`: the next piece of the reply; `{"refusal": "..."}`: of '
+    "the model's refusal |\n"
+    "| `message` | the complete stored `Message` (last, once, when the reply was generated) |\n"
+    "| `error` | the `Error` shape, naming the stored message in `message_id` (last, once, "
+    "when the reply failed) |\n\n"
+    "The stream ends after `message` or `error`. OpenAPI 3.0 cannot type an event stream: the "
+    "schema describes one event as an event-stream parser reads it (`event`, `data`), as "
+    "OpenAPI 3.2's `itemSchema` does.\n\n"
+    "```\n"
+    "event: start\n"
+    'data: {"id":7,"prompt_message":"Hi","response":"","status":"pending",...}\n\n'
+    "event: delta\n"
+    'data: {"content":"Hel"}\n\n'
+    ": keep-alive\n\n"
+    "event: delta\n"
+    'data: {"content":"lo!"}\n\n'
+    "event: message\n"
+    'data: {"id":7,"prompt_message":"Hi","response":"Hello!","status":"completed",...}\n'
+    "```\n"
+)
 
 
 class ServerSentEventSerializer(serializers.Serializer):
@@ -424,7 +424,7 @@ class ServerSentEventSerializer(serializers.Serializer):
 
     event = serializers.ChoiceField(choices=["start", "delta", "message", "error"])
     data = serializers.CharField(
-        help_text="JSON: `start` and `message`: a Message; `delta`: `{\"content\": str}` or "
+        help_text='JSON: `start` and `message`: a Message; `delta`: `{"content": str}` or '
         '`{"refusal": str}`; `error`: an Error.'
     )
 

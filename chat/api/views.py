@@ -240,6 +240,8 @@ class MessageListView(APIView):
             raise _invalid(
                 "search", f"Must be at most {settings.CHAT_SEARCH_MAX_LENGTH} characters."
             )
+        if "\x00" in search:  # PostgreSQL's text cannot hold it: a 500 there, not a search
+            raise _invalid("search", "Must not contain NUL characters.")
         search = search.strip()
         conversation_id = _id_param(request, "conversation")
         queryset = selectors.message_list(
@@ -250,7 +252,9 @@ class MessageListView(APIView):
 
 
 class MessageDetailView(APIView):
-    @extend_schema(operation_id="messages_retrieve", summary="A message", responses=MessageSerializer)
+    @extend_schema(
+        operation_id="messages_retrieve", summary="A message", responses=MessageSerializer
+    )
     def get(self, request: Request, message_id: int) -> Response:
         return Response(_serialize(selectors.message_get(owner=self.owner, message_id=message_id)))
 
@@ -288,7 +292,11 @@ class MessageRegenerateView(APIView):
         ),
         request=RegenerateSerializer,
         responses={
-            (200, "application/json"): MessageSerializer,
+            (200, "application/json"): OpenApiResponse(
+                MessageSerializer,
+                description="`application/json`: the message with its new reply. With "
+                '`"stream": true`, ' + SSE_DESCRIPTION,
+            ),
             (200, sse.CONTENT_TYPE): SSE_RESPONSE,
         },
     )

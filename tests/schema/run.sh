@@ -14,7 +14,7 @@
 #   token      CHAT_ALLOW_ANONYMOUS=false and `Authorization: Token <key>` of a user made for the
 #              run, so that the auth checks (ignored_auth) probe missing and invalid credentials.
 #
-# Knobs: SCHEMA_MAX_EXAMPLES (cases per operation and phase, default 20), SCHEMA_SEED (default
+# Knobs: SCHEMA_MAX_EXAMPLES (cases per operation and phase, default 50), SCHEMA_SEED (default
 # fixed, so that CI is reproducible; "random" for a new one each run), SCHEMA_WORKERS (default 2).
 # Reports (JUnit XML, and NDJSON events for `st replay`-style digging) go to var/schemathesis/.
 set -euo pipefail
@@ -23,7 +23,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 
 MODES="${SCHEMA_MODES:-anonymous token}"
-MAX_EXAMPLES="${SCHEMA_MAX_EXAMPLES:-20}"
+MAX_EXAMPLES="${SCHEMA_MAX_EXAMPLES:-50}"
 SEED="${SCHEMA_SEED:-20260101}"
 WORKERS="${SCHEMA_WORKERS:-2}"
 API_KEY="test-key"
