@@ -202,6 +202,10 @@ def test_enums_and_limits_follow_the_settings(client, settings):
     assert create["max_tokens"]["maximum"] == 77 and create["max_tokens"]["minimum"] == 1
     assert create["temperature"]["minimum"] == 0 and create["temperature"]["maximum"] == 2
     assert create["conversation"]["maximum"] == 2**63 - 1
+    # What was stored under an earlier configuration is not bound by today's settings.
+    stored = components["Conversation"]["properties"]
+    assert stored["model"]["type"] == "string" and "enum" not in stored["model"]
+    assert "maximum" not in stored["max_tokens"]
     # A conversation's model may also be blank (the server default).
     conversation_model = components["ConversationRequest"]["properties"]["model"]["oneOf"]
     assert {"$ref": "#/components/schemas/BlankEnum"} in conversation_model
@@ -322,6 +326,16 @@ async def test_answered_error_codes_are_the_documented_ones(api, transactional_d
         ("get", "/api/messages/7/", "/api/messages/{message_id}/", {}, None),
         ("get", "/api/messages/", "/api/messages/", {"Authorization": "Bearer nope"}, None),
     ]
+    huge = b'{"title": "' + b"x" * 3_000_000 + b'"}'
+    cases.append(
+        (
+            "post",
+            "/api/conversations/",
+            "/api/conversations/",
+            {"Content-Type": "application/json"},
+            huge,
+        )
+    )
     for method, url, path, headers, body in cases:
         response = await api.request(method.upper(), url, headers=headers, content=body)
         error = response.json()["error"]
@@ -334,3 +348,16 @@ def test_the_hooks_know_the_usage_span():
     from tests.schema.hooks import USAGE_MAX_DAYS as HOOKS_USAGE_MAX_DAYS
 
     assert HOOKS_USAGE_MAX_DAYS == USAGE_MAX_DAYS
+
+
+def test_a_session_write_without_its_csrf_token_is_the_documented_403(transactional_db):
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    schema = _schema(Client())
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(get_user_model().objects.create_user("csrf-user"))
+    response = client.post("/api/conversations/", {}, content_type="application/json")
+    error = response.json()["error"]
+    documented = schema["paths"]["/api/conversations/"]["post"]["responses"]["403"]
+    assert response.status_code == 403 and error["code"] in _codes(documented)[1]

@@ -214,6 +214,9 @@ class ModelNameFieldExtension(OpenApiSerializerFieldExtension):
     target_class = ModelNameField
 
     def map_serializer_field(self, auto_schema: AutoSchema, direction: str) -> dict[str, Any]:
+        if direction == "response":
+            # A stored model may have been allowed by an earlier configuration.
+            return {"type": "string"}
         choices = list(settings.OPENAI_ALLOWED_MODELS)
         if self.target.allow_blank:
             choices.append("")
@@ -233,6 +236,19 @@ class KeysetPageExtension(OpenApiSerializerExtension):
     def map_serializer(self, auto_schema: AutoSchema, direction: str) -> dict[str, Any]:
         schema = auto_schema._map_serializer(self.target, direction, bypass_extensions=True)
         schema["not"] = {"required": ["count"]}
+        return schema
+
+
+class MaxTokensFieldExtension(OpenApiSerializerFieldExtension):
+    """`max_tokens` is at most CHAT_MAX_COMPLETION_TOKENS when sent; a stored one may come
+    from an earlier configuration (responses document no maximum)."""
+
+    target_class = "chat.api.serializers.MaxTokensField"
+
+    def map_serializer_field(self, auto_schema: AutoSchema, direction: str) -> dict[str, Any]:
+        schema = auto_schema._map_serializer_field(self.target, direction, bypass_extensions=True)
+        if direction == "request":
+            schema["maximum"] = settings.CHAT_MAX_COMPLETION_TOKENS
         return schema
 
 

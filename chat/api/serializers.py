@@ -60,6 +60,17 @@ class StrictIntegerField(serializers.IntegerField):
         return super().to_internal_value(data)
 
 
+class MaxTokensField(StrictIntegerField):
+    """`max_tokens`: 1 to CHAT_MAX_COMPLETION_TOKENS (the setting as it is now)."""
+
+    def to_internal_value(self, data: Any) -> int:
+        value = super().to_internal_value(data)
+        limit = settings.CHAT_MAX_COMPLETION_TOKENS
+        if value > limit:
+            self.fail("max_value", max_value=limit)
+        return value
+
+
 class StrictFloatField(serializers.FloatField):
     default_error_messages = {"invalid": "Must be a number."}
 
@@ -95,11 +106,10 @@ class GenerationSettingsMixin(serializers.Serializer):
                 else "One of OPENAI_ALLOWED_MODELS; default: the conversation's, else OPENAI_MODEL."
             ),
         )
-        fields["max_tokens"] = StrictIntegerField(
+        fields["max_tokens"] = MaxTokensField(
             required=False,
             allow_null=True,
             min_value=1,
-            max_value=settings.CHAT_MAX_COMPLETION_TOKENS,
             help_text="Longest reply in tokens, 1 to CHAT_MAX_COMPLETION_TOKENS.",
         )
         return fields

@@ -15,7 +15,8 @@
 #              run, so that the auth checks (ignored_auth) probe missing and invalid credentials.
 #
 # Knobs: SCHEMA_MAX_EXAMPLES (cases per operation and phase, default 50), SCHEMA_SEED (default
-# fixed, so that CI is reproducible; "random" for a new one each run), SCHEMA_WORKERS (default 2).
+# fixed, so that CI is reproducible; "random" for a new one each run), SCHEMA_WORKERS (default 2),
+# SCHEMA_DATABASE_URL (default: a fresh SQLite file).
 # Reports (JUnit XML, and NDJSON events for `st replay`-style digging) go to var/schemathesis/.
 set -euo pipefail
 
@@ -88,7 +89,8 @@ grep -q "listening on" "$WORK/fake.log" || { log "fake OpenAI server did not sta
 # --- the service, once per mode -------------------------------------------------------------
 PORT="$(free_port)"
 BASE_URL="http://127.0.0.1:$PORT"
-export DATABASE_URL="sqlite:///$WORK/db.sqlite3"
+# SCHEMA_DATABASE_URL: another (throwaway) database, e.g. postgres://postgres@127.0.0.1:5432/x.
+export DATABASE_URL="${SCHEMA_DATABASE_URL:-sqlite:///$WORK/db.sqlite3}"
 export OPENAI_API_KEY="$API_KEY"
 export OPENAI_BASE_URL="http://127.0.0.1:$FAKE_PORT/v1"
 export OPENAI_MAX_RETRIES=0
