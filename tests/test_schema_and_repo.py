@@ -120,8 +120,9 @@ def _codes(response: dict) -> tuple[list[int], list[str]]:
 
 @pytest.mark.django_db
 def test_every_operation_documents_its_errors_in_the_one_error_shape(client):
-    from chat.api.schema import ERRORS
+    from chat.api.schema import CODE_DESCRIPTIONS, ERRORS
 
+    assert set(CODE_DESCRIPTIONS) == set(ERRORS)
     schema = _schema(client)
     error = schema["components"]["schemas"]["ErrorDetail"]
     assert set(error["required"]) == {"status", "code", "message"}
@@ -145,6 +146,7 @@ def test_every_operation_documents_its_errors_in_the_one_error_shape(client):
             documented_statuses, codes = _codes(response)
             assert documented_statuses == [int(status)], label
             assert codes and all(ERRORS[code][0] == int(status) for code in codes), label
+            assert all(f"`{code}`" in response["description"] for code in codes), label
         if "{" in path:
             assert _codes(operation["responses"]["404"])[1] == ["not_found"], label
         if method in ("post", "patch", "delete"):

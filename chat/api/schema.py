@@ -8,7 +8,10 @@
 - **Authentication.** `Authorization: Token <key>` or `Bearer <key>`, or Django's session; while
   CHAT_ALLOW_ANONYMOUS is on, none (the operations' security lists `{}`).
 - **Limits that follow the settings** when the schema is generated: the allowed models
-  (`ModelNameField`); the serializers build their settings-bound fields in `get_fields()`.
+  (`ModelNameField`), the largest `max_tokens` (`MaxTokensField`), both for requests only (a
+  stored value may date from another configuration); the serializers build their
+  settings-bound fields in `get_fields()`. Request strings reject NUL (`pattern`), and a prompt
+  must not be only whitespace, as Python's `str.strip()` sees it (`NON_BLANK_PATTERN`).
 - **Server-Sent Events** (`ServerSentEvent`) and the list envelopes are in
   chat.api.serializers.
 """
@@ -82,25 +85,42 @@ UPSTREAM = (
 # Statuses whose answers carry Retry-After: always (429), or when the upstream sent one (503).
 RETRY_AFTER_STATUSES = {429: True, 503: False}
 
-_STATUS_DESCRIPTIONS = {
-    400: "The request is invalid: `fields` names what is wrong (`invalid`), or the JSON body "
-    "does not parse (`parse_error`).",
-    401: "No valid credentials.",
-    403: "A session-authenticated write without its CSRF token.",
-    404: "Nothing with this id (among your own), or no such page or cursor.",
-    406: "The `Accept` header asks for a representation this operation does not produce.",
-    409: "A reply is still being generated (`message_id` names it).",
-    413: "The request body is larger than the server accepts.",
-    415: "The request body is not `application/json`.",
-    422: "This `Idempotency-Key` was already used with another request body.",
-    429: "A rate limit, the cap of replies generating at once, or the budget refused the "
-    "request; `Retry-After` says when to try again.",
-    500: "A failure of the server.",
-    502: "The model API failed; the prompt is stored (`message_id`) and can be regenerated.",
-    503: "Sending is unavailable (no API key configured, the model API rate-limits the "
-    "service, or the server stopped during the reply), or the database does not answer.",
-    504: "The model API did not answer in time; the prompt is stored (`message_id`).",
+# What each code means, for the descriptions of the error responses.
+CODE_DESCRIPTIONS = {
+    "invalid": "a value is missing, of the wrong type or out of its limits (`fields` names it)",
+    "parse_error": "the body is not valid JSON",
+    "bad_request": "a request Django refuses before the API sees it",
+    "authentication_failed": "the token is wrong",
+    "not_authenticated": "no credentials (anonymous use is off)",
+    "permission_denied": "a session-authenticated write without its CSRF token",
+    "not_found": "nothing with this id among your own, or no such page or cursor",
+    "method_not_allowed": "a method this path does not have (`Allow` lists them)",
+    "not_acceptable": "the `Accept` header asks for what this operation does not produce",
+    "message_in_progress": "a reply is still being generated (`message_id`)",
+    "request_too_large": "the body is larger than the server accepts",
+    "unsupported_media_type": "the body is not `application/json`",
+    "idempotency_key_reused": "this `Idempotency-Key` came with another body (`message_id`)",
+    "rate_limited": "too many requests (`retry_after`)",
+    "too_many_concurrent": "as many of your replies are generating as allowed (`limit`)",
+    "budget_exceeded": "the request could cost more than what remains of your budget",
+    "internal_error": "a failure of the server",
+    "database_unavailable": "the database does not answer",
+    "openai_not_configured": "no API key is configured: the prompt is stored (`message_id`)",
+    "generation_interrupted": "the server stopped during the reply (text so far kept)",
+    # The model API's failures: the prompt is stored (`message_id`), to be regenerated.
+    "upstream_error": "the model API failed (`message_id`)",
+    "upstream_unavailable": "the model API could not be reached, or failed (`message_id`)",
+    "upstream_bad_response": "the model API's answer could not be understood (`message_id`)",
+    "upstream_auth_failed": "the model API rejected this service's key (`message_id`)",
+    "upstream_rejected": "the model API rejected the request (`message_id`)",
+    "upstream_truncated": "the reply stream broke off, text so far kept (`message_id`)",
+    "upstream_rate_limited": "the model API rate-limits this service (`message_id`)",
+    "upstream_timeout": "the model API did not answer in time (`message_id`)",
 }
+
+
+def describe(code: str) -> str:
+    return CODE_DESCRIPTIONS.get(code, code)
 
 
 def errors(*codes: str) -> Callable[[F], F]:
@@ -352,10 +372,7 @@ class ChatAutoSchema(AutoSchema):
         }
         error_ref = self.resolve_serializer(ErrorSerializer, "response").ref
         response: dict[str, Any] = {
-            "description": _STATUS_DESCRIPTIONS.get(status, "An error.")
-            + " Codes: "
-            + ", ".join(f"`{code}`" for code in codes)
-            + ".",
+            "description": "; ".join(f"`{code}`: {describe(code)}" for code in codes) + ".",
             "content": {
                 "application/json": {
                     "schema": {"allOf": [error_ref, narrowed]},
