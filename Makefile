@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-postgres test-cluster lint format bench bench-context bench-deep postman screenshots clean
+.PHONY: install run test test-postgres test-cluster test-schema lint format bench bench-context bench-deep postman screenshots clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ test-cluster: $(STAMP)
 	CLUSTER_POSTGRES_URL=$${CLUSTER_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres} \
 	CLUSTER_REDIS_URL=$${CLUSTER_REDIS_URL:-redis://127.0.0.1:6379/6} \
 	$(BIN)/python -m pytest tests/cluster -v -p no:xdist $(PYTEST_ARGS)
+
+# Schemathesis (all checks) against the live service's /api/schema/: tests/schema/run.sh.
+# SCHEMA_MODES, SCHEMA_MAX_EXAMPLES, SCHEMA_SEED, SCHEMA_WORKERS; extra arguments: SCHEMA_ARGS.
+test-schema: $(STAMP)
+	bash tests/schema/run.sh $(SCHEMA_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

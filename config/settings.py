@@ -284,7 +284,8 @@ REST_FRAMEWORK = {
     "DEFAULT_PAGINATION_CLASS": "chat.api.pagination.PageNumberPagination",
     "PAGE_SIZE": 20,
     "EXCEPTION_HANDLER": "chat.api.errors.exception_handler",
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # drf-spectacular's AutoSchema, plus every operation's error responses (chat.api.schema).
+    "DEFAULT_SCHEMA_CLASS": "chat.api.schema.ChatAutoSchema",
     # `?format=` belongs to the export endpoint (json|markdown), not to renderer selection.
     "URL_FORMAT_OVERRIDE": None,
     # Proxies in front of the service whose X-Forwarded-For is trusted for the client IP
@@ -296,8 +297,17 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": (
         "Chat with OpenAI models. Every message stores the prompt and the reply; the timestamp "
         "field is `created_at` everywhere (the original contract's list example called it "
-        "`timestamp`). Every error response has the shape "
-        '`{"error": {"status", "code", "message", ...}}`.'
+        "`timestamp`).\n\n"
+        "**Errors.** Every error response has the shape "
+        '`{"error": {"status", "code", "message", ...}}` (the `Error` schema); each operation '
+        "lists the statuses it can answer and the `code`s of each. A method an operation does "
+        "not have answers 405 `method_not_allowed` with an `Allow` header.\n\n"
+        "**Credentials.** `Authorization: Token <key>` or `Authorization: Bearer <key>`, or "
+        "Django's session (writes then need the CSRF token); while the server allows anonymous "
+        "use (CHAT_ALLOW_ANONYMOUS), none: requests without credentials act as one shared "
+        "user.\n\n"
+        "**Limits** (the allowed models, the longest prompt, the largest `max_tokens`, the "
+        "longest search) are those of this server's configuration."
     ),
     "VERSION": "2.0.0",
     "SERVE_INCLUDE_SCHEMA": False,

@@ -15,6 +15,8 @@ with a ``[[fault:NAME]]`` / ``[[fault:429:RETRY_AFTER]]`` /
 ``[[refusal:TEXT]]`` (the model refuses: ``content`` null, ``refusal`` TEXT),
 ``[[latency:SECONDS]]`` and ``[[chunks:N]]`` (this reply's duration and stream chunks),
 ``[[nousage]]`` (no ``usage`` in the reply, even when a stream asks for it).
+With ``markers=False`` (``--no-markers``) prompts are never read for markers: every prompt is
+echoed, whatever it contains (for generated traffic, e.g. ``make test-schema``).
 
 In-process use::
 
@@ -168,6 +170,7 @@ class FakeOpenAI:
         stream_chunks: int = 5,
         valid_keys: Iterable[str] | None = None,
         record: bool = True,
+        markers: bool = True,
     ) -> None:
         self.host = host
         self.port = port
@@ -176,6 +179,7 @@ class FakeOpenAI:
         self.valid_keys: frozenset[str] | None = frozenset(valid_keys) if valid_keys else None
         self.reply: str | None = None
         self.record = record
+        self.markers = markers
         self.requests: list[RecordedRequest] = []
 
         self._initial_stream_chunks = self.stream_chunks
@@ -458,7 +462,7 @@ class FakeOpenAI:
         no_usage = False
         latency = self.latency
         chunks = self.stream_chunks
-        if "[[" in last_user:
+        if self.markers and "[[" in last_user:
             if fault is None:
                 m = _FAULT_RE.search(last_user)
                 if m is not None:
@@ -723,6 +727,7 @@ async def _serve(args: argparse.Namespace) -> None:
         stream_chunks=args.chunks,
         valid_keys=args.valid_key or None,
         record=False,
+        markers=not args.no_markers,
     )
     if args.reply is not None:
         fake.reply = args.reply
@@ -754,6 +759,11 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         help="accepted API key (repeatable; default: any non-empty key)",
+    )
+    parser.add_argument(
+        "--no-markers",
+        action="store_true",
+        help="ignore [[...]] markers in prompts (echo every prompt as it is)",
     )
     args = parser.parse_args(argv)
     try:

@@ -353,6 +353,22 @@ def test_fail_next_rejects_unknown_fault(fake):
         fake.fail_next("teapot")
 
 
+def test_markers_can_be_turned_off():
+    """Generated prompts (make test-schema) may contain markers by chance: with markers off
+    every prompt is echoed as it is."""
+    prompts = ["[[fault:500]]", "[[fault:timeout:9]] x", "[[reply:no]]", "[[latency:9]]"]
+    with FakeOpenAI(markers=False) as fake:
+        with openai.OpenAI(api_key="k", base_url=fake.url, max_retries=0, timeout=2) as c:
+            for prompt in prompts:
+                resp = c.chat.completions.create(model=MODEL, messages=user(prompt))
+                assert resp.choices[0].message.content == f"Echo: {prompt}"
+            streamed = c.chat.completions.create(
+                model=MODEL, messages=user("[[fault:cut]] [[chunks:1]]"), stream=True
+            )
+            text = "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices)
+            assert text == "Echo: [[fault:cut]] [[chunks:1]]"
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -373,6 +389,7 @@ def test_cli_starts_answers_and_stops():
             str(port),
             "--chunks",
             "3",
+            "--no-markers",
         ],
         cwd=PROJECT_ROOT,
         stdout=subprocess.PIPE,
@@ -393,6 +410,9 @@ def test_cli_starts_answers_and_stops():
             cli_client.chat.completions.create(model=MODEL, messages=user("abc"), stream=True)
         )
         assert sum(1 for c in chunks if c.choices[0].delta.content) == 3
+        # --no-markers: a fault marker is just text.
+        resp = cli_client.chat.completions.create(model=MODEL, messages=user("[[fault:500]]"))
+        assert resp.choices[0].message.content == "Echo: [[fault:500]]"
     finally:
         proc.terminate()
         try:

@@ -18,10 +18,40 @@ from django.conf import settings
 from django.core.cache import cache
 from django.core.paginator import Paginator
 from django.db.models import QuerySet
+from django.utils.dateparse import parse_datetime
 from django.utils.functional import cached_property
 from rest_framework import pagination
+from rest_framework.exceptions import NotFound
+from rest_framework.request import Request
+
+from chat.api.converters import parse_id
+from chat.errors import InvalidRequest
 
 CURSOR_PARAM = "cursor"
+PAGE_SIZE = 20
+MAX_PAGE_SIZE = 100
+
+
+def _invalid(param: str, text: str) -> InvalidRequest:
+    return InvalidRequest(f"{param}: {text}", extra={"fields": {param: [text]}})
+
+
+class _PageSize:
+    """`?page_size=`: a positive integer (else 400); above MAX_PAGE_SIZE, MAX_PAGE_SIZE."""
+
+    page_size: int | None = PAGE_SIZE
+    page_size_query_param: str | None = "page_size"
+    max_page_size: int | None = MAX_PAGE_SIZE
+
+    def get_page_size(self, request: Request) -> int:
+        param = self.page_size_query_param or "page_size"
+        raw = request.query_params.get(param)
+        if raw is None:
+            return self.page_size or PAGE_SIZE
+        size = parse_id(raw)
+        if size is None:
+            raise _invalid(param, "Must be a positive integer.")
+        return min(size, self.max_page_size or MAX_PAGE_SIZE)
 
 
 class BoundedCountPaginator(Paginator):
@@ -41,22 +71,46 @@ class BoundedCountPaginator(Paginator):
         return total
 
 
-class PageNumberPagination(pagination.PageNumberPagination):
+class PageNumberPagination(_PageSize, pagination.PageNumberPagination):
     """The contract's `{count, next, previous, results}` pages."""
 
     django_paginator_class = BoundedCountPaginator
-    page_size = 20
-    page_size_query_param = "page_size"
-    max_page_size = 100
+
+    def get_page_number(self, request: Request, paginator: Paginator) -> int:
+        """`?page=`: a positive integer (else 400); past the last page, DRF's 404."""
+        raw = request.query_params.get(self.page_query_param)
+        if raw is None:
+            return 1
+        number = parse_id(raw)
+        if number is None:
+            raise _invalid(self.page_query_param, "Must be a positive integer.")
+        return number
 
 
-class CursorPagination(pagination.CursorPagination):
+class CursorPagination(_PageSize, pagination.CursorPagination):
     """Keyset pages for deep history: `{next, previous, results}`."""
 
     cursor_query_param = CURSOR_PARAM
-    page_size = 20
-    page_size_query_param = "page_size"
-    max_page_size = 100
+
+    def decode_cursor(self, request: Request) -> pagination.Cursor | None:
+        """DRF's, and a position that does not fit the ordering's first field (a cursor made
+        up by hand) is an invalid cursor too (404), not a database error."""
+        cursor = super().decode_cursor(request)
+        if cursor is not None and cursor.position is not None:
+            if not self._valid_position(str(cursor.position)):
+                raise NotFound(self.invalid_cursor_message)
+        return cursor
+
+    def _valid_position(self, position: str) -> bool:
+        field = self.ordering[0].lstrip("-")
+        if field == "id":
+            return parse_id(position) is not None
+        if field == "created_at":
+            try:
+                return parse_datetime(position) is not None
+            except ValueError:
+                return False
+        return True
 
     def __init__(self, ordering: tuple[str, ...]) -> None:
         self.ordering = ordering

@@ -38,14 +38,22 @@ from chat.api.base import APIView
 from chat.api.converters import parse_id
 from chat.api.errors import error_payload
 from chat.api.pagination import CURSOR_PARAM, CursorPagination, PageNumberPagination
+from chat.api.schema import RATE_LIMITS, UPSTREAM, WHITESPACE_CLASS, errors
 from chat.api.serializers import (
+    MESSAGE_LIST,
+    SSE_DESCRIPTION,
+    ConversationExportSerializer,
     ConversationSerializer,
+    ExportQuerySerializer,
+    KeysetQuerySerializer,
     MessageCreateSerializer,
+    MessageListQuerySerializer,
     MessageSerializer,
     ModelListSerializer,
+    PageQuerySerializer,
     PaginatedConversationSerializer,
-    PaginatedMessageSerializer,
     RegenerateSerializer,
+    ServerSentEventSerializer,
     UsageQuerySerializer,
     UsageReportSerializer,
 )
@@ -64,14 +72,47 @@ IDEMPOTENCY_KEY_MAX_LENGTH = 255
 # The longest span of days one usage report covers.
 USAGE_MAX_DAYS = 366
 
-ERROR_EXAMPLE = {
-    "error": {
-        "status": 504,
-        "code": "upstream_timeout",
-        "message": "The model API did not answer in time.",
-        "message_id": 7,
-    }
-}
+
+# --- Schema pieces shared by the operations -------------------------------------------------
+
+IDEMPOTENCY_PARAMETER = OpenApiParameter(
+    IDEMPOTENCY_HEADER,
+    {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": IDEMPOTENCY_KEY_MAX_LENGTH,
+        "pattern": f"[^{WHITESPACE_CLASS}]",
+    },
+    OpenApiParameter.HEADER,
+    description="Any unique string (e.g. a UUID) per logical request, 1 to 255 characters, not "
+    "only whitespace.",
+)
+REPLAYED_HEADER = OpenApiParameter(
+    "Idempotent-Replayed",
+    {"type": "string", "enum": ["true"]},
+    OpenApiParameter.HEADER,
+    response=[201],
+    description="Present when the `Idempotency-Key` matched an earlier request: this is its "
+    "message, and the model was not called again.",
+)
+SSE_RESPONSE = OpenApiResponse(
+    ServerSentEventSerializer,
+    description=SSE_DESCRIPTION,
+    examples=[
+        OpenApiExample(
+            "A piece of the reply",
+            value={"event": "delta", "data": '{"content":"Hel"}'},
+            response_only=True,
+            status_codes=["200"],
+            media_type=sse.CONTENT_TYPE,
+        )
+    ],
+)
+LIST_DESCRIPTION = (
+    "Page-number pages (`?page=`, `?page_size=`) answer `{count, next, previous, results}`; "
+    "keyset pages (`?cursor=`, empty for the first page) answer `{next, previous, results}`, "
+    "each page an index range whatever its depth."
+)
 
 # MessageSerializer keeps no per-call state: one instance serves every response.
 _message_serializer = MessageSerializer()
@@ -89,10 +130,9 @@ def _idempotency_key(request: Request) -> str | None:
     key = request.META.get(IDEMPOTENCY_META_KEY)
     if key is None:
         return None
-    key = key.strip()
-    if not key or len(key) > IDEMPOTENCY_KEY_MAX_LENGTH:
-        raise _invalid(IDEMPOTENCY_HEADER, "Must be 1 to 255 characters.")
-    return key
+    if len(key) > IDEMPOTENCY_KEY_MAX_LENGTH or not key.strip():
+        raise _invalid(IDEMPOTENCY_HEADER, "Must be 1 to 255 characters, not only whitespace.")
+    return key.strip()
 
 
 def _event_stream(message: Message) -> HttpResponseBase:
@@ -107,7 +147,7 @@ def _wants_stream(request: Request, data: dict[str, Any]) -> bool:
 
 def _id_param(request: Request, name: str) -> int | None:
     raw = request.query_params.get(name)
-    if raw in (None, ""):
+    if raw is None:
         return None
     number = parse_id(raw)
     if number is None:
@@ -151,18 +191,10 @@ class MessageCreateView(APIView):
             "waits for it); the same key with another body is a 422."
         ),
         request=MessageCreateSerializer,
-        parameters=[
-            OpenApiParameter(
-                IDEMPOTENCY_HEADER,
-                OpenApiTypes.STR,
-                OpenApiParameter.HEADER,
-                required=False,
-                description="Any unique string (e.g. a UUID) per logical request.",
-            )
-        ],
+        parameters=[IDEMPOTENCY_PARAMETER, REPLAYED_HEADER],
         responses={
-            201: MessageSerializer,
-            200: OpenApiResponse(description="text/event-stream when streaming"),
+            (201, "application/json"): MessageSerializer,
+            (200, sse.CONTENT_TYPE): SSE_RESPONSE,
         },
         examples=[
             OpenApiExample("Request", value={"prompt_message": "Привет!"}, request_only=True),
@@ -177,11 +209,9 @@ class MessageCreateView(APIView):
                 response_only=True,
                 status_codes=["201"],
             ),
-            OpenApiExample(
-                "Upstream timeout", value=ERROR_EXAMPLE, response_only=True, status_codes=["504"]
-            ),
         ],
     )
+    @errors("idempotency_key_reused", *RATE_LIMITS, *UPSTREAM)
     async def post(self, request: Request) -> HttpResponseBase:
         serializer = MessageCreateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
@@ -208,29 +238,20 @@ class MessageListView(APIView):
     @extend_schema(
         operation_id="messages_list",
         summary="List messages, oldest first",
-        parameters=[
-            OpenApiParameter("page", OpenApiTypes.INT, description="Page number (from 1)."),
-            OpenApiParameter("page_size", OpenApiTypes.INT, description="Up to 100 (default 20)."),
-            OpenApiParameter(
-                "search",
-                OpenApiTypes.STR,
-                description="Case-insensitive text search over prompts and replies "
-                "(PostgreSQL: full-text search, web-search syntax, or a substring).",
-            ),
-            OpenApiParameter(
-                "conversation",
-                OpenApiTypes.INT,
-                description="Only this conversation's messages (404 if it is not yours).",
-            ),
-        ],
-        responses=PaginatedMessageSerializer,
+        description=LIST_DESCRIPTION,
+        parameters=[MessageListQuerySerializer],
+        responses=MESSAGE_LIST,
     )
+    @errors("invalid", "not_found")
     def get(self, request: Request) -> Response:
-        search = request.query_params.get("search", "").strip()
+        search = request.query_params.get("search", "")
         if len(search) > settings.CHAT_SEARCH_MAX_LENGTH:
             raise _invalid(
                 "search", f"Must be at most {settings.CHAT_SEARCH_MAX_LENGTH} characters."
             )
+        if "\x00" in search:  # PostgreSQL's text cannot hold it: a 500 there, not a search
+            raise _invalid("search", "Must not contain NUL characters.")
+        search = search.strip()
         conversation_id = _id_param(request, "conversation")
         if conversation_id is not None:
             # Another user's conversation is not found, like one that does not exist (404).
@@ -243,7 +264,9 @@ class MessageListView(APIView):
 
 
 class MessageDetailView(APIView):
-    @extend_schema(operation_id="messages_retrieve", responses=MessageSerializer)
+    @extend_schema(
+        operation_id="messages_retrieve", summary="A message", responses=MessageSerializer
+    )
     def get(self, request: Request, message_id: int) -> Response:
         return Response(_serialize(selectors.message_get(owner=self.owner, message_id=message_id)))
 
@@ -259,7 +282,7 @@ class MessageStreamView(APIView):
             "to its `message` (or `error`) event. For a message that has ended, sends `start` "
             "and `message` at once."
         ),
-        responses={200: OpenApiResponse(description="text/event-stream")},
+        responses={(200, sse.CONTENT_TYPE): SSE_RESPONSE},
     )
     async def get(self, request: Request, message_id: int) -> HttpResponseBase:
         message = await db.run(selectors.message_get, owner=self.owner, message_id=message_id)
@@ -280,8 +303,16 @@ class MessageRegenerateView(APIView):
             "message is still generating."
         ),
         request=RegenerateSerializer,
-        responses={200: MessageSerializer},
+        responses={
+            (200, "application/json"): OpenApiResponse(
+                MessageSerializer,
+                description="`application/json`: the message with its new reply. With "
+                '`"stream": true`, ' + SSE_DESCRIPTION,
+            ),
+            (200, sse.CONTENT_TYPE): SSE_RESPONSE,
+        },
     )
+    @errors("message_in_progress", *RATE_LIMITS, *UPSTREAM)
     async def post(self, request: Request, message_id: int) -> HttpResponseBase:
         # A bare POST (no body, whatever content type) regenerates with the message's settings.
         serializer = RegenerateSerializer(data=request.data if request.body else {})
@@ -323,8 +354,10 @@ class ConversationListView(APIView):
     @extend_schema(
         operation_id="conversations_list",
         summary="List conversations, newest activity first",
+        parameters=[PageQuerySerializer],
         responses=PaginatedConversationSerializer,
     )
+    @errors("invalid", "not_found")
     def get(self, request: Request) -> Response:
         queryset = selectors.conversation_list(owner=self.owner)
         return _paginated(request, self, queryset, ConversationSerializer)
@@ -345,7 +378,11 @@ class ConversationListView(APIView):
 
 
 class ConversationDetailView(APIView):
-    @extend_schema(operation_id="conversations_retrieve", responses=ConversationSerializer)
+    @extend_schema(
+        operation_id="conversations_retrieve",
+        summary="A conversation",
+        responses=ConversationSerializer,
+    )
     def get(self, request: Request, conversation_id: int) -> Response:
         conversation = selectors.conversation_get(owner=self.owner, conversation_id=conversation_id)
         return Response(ConversationSerializer(conversation).data)
@@ -369,6 +406,7 @@ class ConversationDetailView(APIView):
         summary="Delete a conversation with its messages (409 while a reply is generating)",
         responses={204: None},
     )
+    @errors("message_in_progress")
     def delete(self, request: Request, conversation_id: int) -> Response:
         conversations.conversation_delete(owner=self.owner, conversation_id=conversation_id)
         return Response(status=status.HTTP_204_NO_CONTENT)
@@ -378,8 +416,11 @@ class ConversationMessagesView(APIView):
     @extend_schema(
         operation_id="conversations_messages",
         summary="A conversation's messages, in order",
-        responses=PaginatedMessageSerializer,
+        description=LIST_DESCRIPTION,
+        parameters=[KeysetQuerySerializer],
+        responses=MESSAGE_LIST,
     )
+    @errors("invalid")
     def get(self, request: Request, conversation_id: int) -> Response:
         selectors.conversation_get(owner=self.owner, conversation_id=conversation_id)
         queryset = selectors.message_list(owner=self.owner, conversation_id=conversation_id)
@@ -391,12 +432,24 @@ class ConversationExportView(APIView):
         operation_id="conversations_export",
         summary="Download a conversation as JSON or Markdown",
         parameters=[
+            ExportQuerySerializer,
             OpenApiParameter(
-                "format", OpenApiTypes.STR, enum=["json", "markdown"], description="Default json."
-            )
+                "Content-Disposition",
+                OpenApiTypes.STR,
+                OpenApiParameter.HEADER,
+                response=[200],
+                required=True,
+                description='`attachment; filename="conversation-ID.json"` (or `.md`).',
+            ),
         ],
-        responses={200: OpenApiResponse(description="The conversation with all its messages")},
+        responses={
+            (200, "application/json"): OpenApiResponse(
+                ConversationExportSerializer, description="The conversation with all its messages."
+            ),
+            (200, "text/markdown"): OpenApiTypes.STR,
+        },
     )
+    @errors("invalid")
     def get(self, request: Request, conversation_id: int) -> HttpResponseBase:
         export_format = request.query_params.get("format", "json")
         if export_format not in exports.FORMATS:
@@ -406,7 +459,7 @@ class ConversationExportView(APIView):
         body, content_type, extension = exports.render(
             export_format,
             conversation=ConversationSerializer(conversation).data,
-            messages=MessageSerializer(stored, many=True).data,
+            messages=list(MessageSerializer(stored, many=True).data),
         )
         response = HttpResponse(body, content_type=content_type)
         response["Content-Disposition"] = (
@@ -450,14 +503,13 @@ class UsageView(APIView):
             "USD as decimal strings, and tokens and cost by day and model between `from` and "
             "`to` (inclusive UTC dates; default: the current period)."
         ),
-        parameters=[
-            OpenApiParameter("from", OpenApiTypes.DATE, description="First day (UTC)."),
-            OpenApiParameter("to", OpenApiTypes.DATE, description="Last day (UTC), inclusive."),
-        ],
+        parameters=[UsageQuerySerializer],
         responses=UsageReportSerializer,
     )
+    @errors("invalid")
     def get(self, request: Request) -> Response:
-        dates = UsageQuerySerializer(data=request.query_params)
+        # A plain dict: DRF would read an empty `?to=` of a QueryDict as no `to` at all.
+        dates = UsageQuerySerializer(data=request.query_params.dict())
         dates.is_valid(raise_exception=True)
         status_now = budget_status(user=self.owner)
         date_from = dates.validated_data.get("from") or status_now.period_start.date()
@@ -502,7 +554,17 @@ class _ProbeView(APIView):
 class LivenessView(_ProbeView):
     """The process is up and serving (no I/O: for a load balancer's frequent probe)."""
 
-    @extend_schema(operation_id="healthz", responses={200: OpenApiTypes.OBJECT})
+    @extend_schema(
+        operation_id="healthz",
+        summary="Liveness probe",
+        responses={
+            200: {
+                "type": "object",
+                "required": ["status"],
+                "properties": {"status": {"type": "string", "enum": ["ok"]}},
+            }
+        },
+    )
     async def get(self, request: Request) -> Response:
         return Response({"status": "ok"})
 
@@ -513,8 +575,23 @@ class ReadinessView(_ProbeView):
 
     @extend_schema(
         operation_id="readyz",
-        responses={200: OpenApiTypes.OBJECT, 503: OpenApiResponse(description="Not ready")},
+        summary="Readiness probe",
+        responses={
+            200: {
+                "type": "object",
+                "required": ["status", "database", "openai_configured"],
+                "properties": {
+                    "status": {"type": "string", "enum": ["ready"]},
+                    "database": {"type": "string", "enum": ["ok"]},
+                    "openai_configured": {
+                        "type": "boolean",
+                        "description": "Whether sending is possible (OPENAI_API_KEY is set).",
+                    },
+                },
+            }
+        },
     )
+    @errors("database_unavailable")
     async def get(self, request: Request) -> Response:
         await db.run(selectors.database_ping)
         redis_state = "ok" if await redis_client.ping() else "not_configured"
@@ -563,10 +640,10 @@ async def metrics_view(request: HttpRequest) -> HttpResponseBase:
     Not part of the API: no user authentication, its own protection (`_metrics_access`)."""
     try:
         if request.method not in ("GET", "HEAD"):
-            raise exceptions.MethodNotAllowed(request.method)
+            raise exceptions.MethodNotAllowed(request.method or "")
         _metrics_access(request)
     except (ApplicationError, exceptions.APIException) as exc:
         body, status_code, headers = error_payload(exc)
         return JsonResponse(body, status=status_code, headers=headers)
-    body, content_type = metrics.render(request.META.get("HTTP_ACCEPT"))
-    return HttpResponse(body, content_type=content_type)
+    text, content_type = metrics.render(request.META.get("HTTP_ACCEPT"))
+    return HttpResponse(text, content_type=content_type)
