@@ -181,7 +181,7 @@ def test_the_schema_lists_the_error_codes_of_an_operation(client):
     regenerate = _schema(client)["paths"]["/api/messages/{message_id}/regenerate/"]["post"]
     assert _codes(regenerate["responses"]["409"])[1] == ["message_in_progress"]
     probe = _schema(client)["paths"]["/readyz"]["get"]
-    assert _codes(probe["responses"]["503"])[1] == ["database_unavailable"]
+    assert _codes(probe["responses"]["503"])[1] == ["database_unavailable", "redis_unavailable"]
     assert "401" not in probe["responses"] and probe["security"] == [{}]
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 from django.conf import settings
-from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions, permissions
 from rest_framework.request import Request
 
@@ -51,24 +50,3 @@ class IsUserOrAnonymousAllowed(permissions.BasePermission):
         if request.user is not None and request.user.is_authenticated:
             return True
         return bool(settings.CHAT_ALLOW_ANONYMOUS)
-
-
-class TokenScheme(OpenApiAuthenticationExtension):
-    """The OpenAPI security scheme of TokenAuthentication: both keywords (Swagger UI's
-    "Authorize" takes the whole header value)."""
-
-    target_class = TokenAuthentication
-    name = "tokenAuth"
-    priority = 1  # over drf-spectacular's scheme for DRF's class, which names `Token` only
-
-    def get_security_definition(self, auto_schema: Any) -> dict[str, str]:
-        return {
-            "type": "apiKey",
-            "in": "header",
-            "name": "Authorization",
-            "description": (
-                "An API token, as `Token <key>` or `Bearer <key>`. `python manage.py "
-                "create_token USERNAME` prints a user's key; admins also create them in the "
-                "admin (Auth Token > Tokens)."
-            ),
-        }

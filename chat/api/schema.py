@@ -105,6 +105,7 @@ CODE_DESCRIPTIONS = {
     "budget_exceeded": "the request could cost more than what remains of your budget",
     "internal_error": "a failure of the server",
     "database_unavailable": "the database does not answer",
+    "redis_unavailable": "Redis (REDIS_URL) does not answer",
     "openai_not_configured": "no API key is configured: the prompt is stored (`message_id`)",
     "generation_interrupted": "the server stopped during the reply (text so far kept)",
     # The model API's failures: the prompt is stored (`message_id`), to be regenerated.
@@ -288,8 +289,9 @@ class TokenScheme(OpenApiAuthenticationExtension):
                 "type": "apiKey",
                 "in": "header",
                 "name": "Authorization",
-                "description": "`Authorization: Token <key>` (DRF's scheme). Keys are made in "
-                "the admin or with `manage.py drf_create_token USERNAME`.",
+                "description": "`Authorization: Token <key>` (DRF's scheme; `Bearer <key>` works "
+                "too, see bearerAuth). `python manage.py create_token USERNAME` prints a user's "
+                "key; admins also create them in the admin.",
             },
             {
                 "type": "http",

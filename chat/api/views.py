@@ -591,7 +591,7 @@ class ReadinessView(_ProbeView):
             }
         },
     )
-    @errors("database_unavailable")
+    @errors("database_unavailable", "redis_unavailable")
     async def get(self, request: Request) -> Response:
         await db.run(selectors.database_ping)
         redis_state = "ok" if await redis_client.ping() else "not_configured"
