@@ -89,6 +89,37 @@ def lock_account(user_id: int) -> Account:
         return Account.objects.select_for_update().get(user_id=user_id)
 
 
+def _check_admission(*, user_id: int, amount: int, cap: int, now: dt.datetime) -> None:
+    """The atomic check of `reserve`: the user's account locked, then the concurrency cap and
+    the budget against the reservations and spending seen under that lock."""
+    account = lock_account(user_id)
+    # The reservations before the spending: see `settle`.
+    in_flight, reserved = selectors.unexpired_reservations(user_id=user_id, now=now)
+    if cap and in_flight >= cap:
+        raise TooManyConcurrent(
+            f"You already have {in_flight} {'reply' if in_flight == 1 else 'replies'} being "
+            "generated, the most allowed at once; "
+            "wait for one to finish.",
+            extra={"limit": cap},
+            headers={"Retry-After": "1"},
+        )
+    budget = selectors.effective_budget(account)
+    if budget is not None:
+        period = settings.CHAT_USER_BUDGET_PERIOD
+        start, end = period_bounds(period, now)
+        spent = selectors.spent_between(user_id=user_id, start=start, end=end)
+        if spent + reserved + amount > budget:
+            raise budget_exceeded(
+                budget=budget,
+                spent=spent,
+                reserved=reserved,
+                required=amount,
+                period=period,
+                resets_at=end,
+                now=now,
+            )
+
+
 def reserve(
     *,
     user: UserRef,
@@ -116,33 +147,12 @@ def reserve(
     price = price_for(model)
     amount = price.cost(prompt_tokens=prompt_tokens, completion_tokens=max_completion_tokens)
 
-    account = lock_account(user_id)
-    # The reservations before the spending: see `settle`.
-    in_flight, reserved = selectors.unexpired_reservations(user_id=user_id, now=now)
     cap = settings.CHAT_MAX_CONCURRENT_PER_USER
-    if cap and in_flight >= cap:
-        raise TooManyConcurrent(
-            f"You already have {in_flight} {'reply' if in_flight == 1 else 'replies'} being "
-            "generated, the most allowed at once; "
-            "wait for one to finish.",
-            extra={"limit": cap},
-            headers={"Retry-After": "1"},
-        )
-    budget = selectors.effective_budget(account)
-    if budget is not None:
-        period = settings.CHAT_USER_BUDGET_PERIOD
-        start, end = period_bounds(period, now)
-        spent = selectors.spent_between(user_id=user_id, start=start, end=end)
-        if spent + reserved + amount > budget:
-            raise budget_exceeded(
-                budget=budget,
-                spent=spent,
-                reserved=reserved,
-                required=amount,
-                period=period,
-                resets_at=end,
-                now=now,
-            )
+    unlocked = Account.objects.filter(user_id=user_id).first()
+    # With neither a cap nor a budget there is nothing to check: no lock, so one user's calls
+    # are not serialized for nothing. A budget set meanwhile applies from its commit on.
+    if cap or selectors.effective_budget(unlocked) is not None:
+        _check_admission(user_id=user_id, amount=amount, cap=cap, now=now)
     return Reservation.objects.create(
         user_id=user_id,
         message_id=message if message is None or isinstance(message, int) else message.pk,
