@@ -23,6 +23,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from chat.generations import TextDelta
+from chat.models import Message
 from chat.redis_client import get_redis
 
 logger = logging.getLogger(__name__)
@@ -40,8 +41,13 @@ def is_enabled() -> bool:
     return get_redis() is not None
 
 
-def _key(message_id: int) -> str:
-    return f"{KEY_PREFIX}{message_id}"
+def stream_key(message: Message) -> str:
+    """The stream of a message's current generation. Each generation has its own: a
+    regenerated message (one more previous reply) starts a new one, so a follower never reads
+    the previous generation's text; the creation time keeps ids reused after a database reset
+    apart."""
+    created = int(message.created_at.timestamp() * 1_000_000)
+    return f"{KEY_PREFIX}{message.pk}:{created}:{len(message.previous_replies)}"
 
 
 @dataclass(frozen=True)
@@ -60,12 +66,11 @@ LiveEvent = TextDelta | Ended | Quiet
 class Publisher:
     """Writes one generation's pieces to its stream."""
 
-    def __init__(self, message_id: int) -> None:
-        self.key = _key(message_id)
+    def __init__(self, message: Message) -> None:
+        self.key = stream_key(message)
         self._pending: list[dict[Any, Any]] = []
         self._flush: asyncio.Task | None = None
         self._failed = False
-        self._started = False
 
     def delta(self, delta: TextDelta) -> None:
         self._pending.append({"t": delta.text, "r": "1" if delta.refusal else "0"})
@@ -92,10 +97,6 @@ class Publisher:
             entries, self._pending = self._pending, []
             try:
                 async with client.pipeline(transaction=False) as pipe:
-                    if not self._started:
-                        # A regenerated message starts its stream anew.
-                        pipe.delete(self.key)
-                        self._started = True
                     for entry in entries:
                         pipe.xadd(self.key, entry)
                     pipe.expire(self.key, KEEP_SECONDS)
@@ -110,12 +111,12 @@ class Publisher:
                 return
 
 
-async def follow(message_id: int, *, heartbeat: float) -> AsyncIterator[LiveEvent]:
+async def follow(message: Message, *, heartbeat: float) -> AsyncIterator[LiveEvent]:
     """The generation's text so far as one delta, then each new piece, then `Ended`; `Quiet`
     whenever `heartbeat` seconds pass without news. Raises RedisError if Redis fails."""
     client = get_redis()
     assert client is not None
-    key = _key(message_id)
+    key = stream_key(message)
     last_id = "0"
     first_read = True
     while True:

@@ -235,7 +235,7 @@ async def _generate(generation: Generation, prepared: PreparedGeneration, stream
     status: str = MessageStatus.FAILED
     cancelled = False
     completion: llm.Completion | None = None
-    publisher = live.Publisher(message.pk) if live.is_enabled() else None
+    publisher = live.Publisher(message) if live.is_enabled() else None
     try:
         completion = await _produce(generation, prepared, stream, publisher)
     except ApplicationError as exc:

@@ -534,9 +534,7 @@ async def _follow_live(
     message: Message, heartbeat: float | None, sent: dict[bool, str]
 ) -> AsyncIterator[GenerationEvent]:
     state: Message | None = message
-    async for news in live.follow(
-        message.pk, heartbeat=heartbeat or settings.CHAT_HEARTBEAT_INTERVAL
-    ):
+    async for news in live.follow(message, heartbeat=heartbeat or settings.CHAT_HEARTBEAT_INTERVAL):
         if isinstance(news, TextDelta):
             sent[news.refusal] += news.text
             yield news

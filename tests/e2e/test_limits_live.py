@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ import redis
 
 from billing.limits import REDIS_KEY_PREFIX
 from chat import live
+from chat.models import Message
 from tests.billing.conftest import REDIS_TEST_URL, redis_or_skip
 from tests.conftest import TEST_API_KEY, parse_sse
 from tests.fake_openai import FakeOpenAI
@@ -175,11 +177,20 @@ def deployment(request, tmp_path, fake_server, migrated_db) -> Iterator[Deployme
 
 def _delete_redis_keys(deployment: Deployment) -> None:
     """The keys this run made: its rate-limit buckets and its generations' event streams."""
-    ids = [row[0] for row in deployment.query("SELECT id FROM chat_message")]
+    messages = deployment.query("SELECT id, created_at, previous_replies FROM chat_message")
     users = [row[0] for row in deployment.query("SELECT id FROM auth_user")]
     keys = [f"{REDIS_KEY_PREFIX}anon:{ip}" for ip in (deployment.client_ip, deployment.other_ip)]
     keys += [f"{REDIS_KEY_PREFIX}user:{pk}" for pk in users]
-    keys += [f"{live.KEY_PREFIX}{pk}" for pk in ids]
+    keys += [
+        live.stream_key(
+            Message(
+                pk=pk,
+                created_at=datetime.fromisoformat(created).replace(tzinfo=UTC),
+                previous_replies=json.loads(previous),
+            )
+        )
+        for pk, created, previous in messages
+    ]
     client = redis.Redis.from_url(REDIS_TEST_URL)
     client.delete(*keys)
     client.close()
