@@ -94,11 +94,11 @@ MIDDLEWARE = [
     # ServeStatic is WhiteNoise's async-native fork (WhiteNoise's sync-only middleware would
     # move every request's middleware chain to a thread and back).
     "servestatic.middleware.ServeStaticMiddleware",
-    "django.contrib.sessions.middleware.SessionMiddleware",
+    "config.django_middleware.SessionMiddleware",
     "config.django_middleware.CommonMiddleware",
     "config.django_middleware.CsrfViewMiddleware",
     "config.django_middleware.AuthenticationMiddleware",
-    "django.contrib.messages.middleware.MessageMiddleware",
+    "config.django_middleware.MessageMiddleware",
     "config.django_middleware.XFrameOptionsMiddleware",
 ]
 

@@ -76,3 +76,63 @@ def test_the_deploy_checks_see_through_the_subclasses(settings):
     settings.SECURE_HSTS_SECONDS = 3600
     settings.MIDDLEWARE = [m for m in settings.MIDDLEWARE if "Csrf" not in m]
     assert "security.W003" in {m.id for m in django_security_checks()}  # no CSRF middleware
+
+
+def _session_and_messages(view):
+    """The two middleware as Django chains them (messages inside the session)."""
+    return django_middleware.SessionMiddleware(django_middleware.MessageMiddleware(view))
+
+
+async def test_a_modified_session_is_saved_and_its_cookie_set():
+    async def remember(request):
+        await request.session.aset("colour", "green")
+        return HttpResponse("ok")
+
+    response = await _session_and_messages(remember)(RequestFactory().get("/"))
+    key = response.cookies["sessionid"].value
+    assert key and "Cookie" in response["Vary"]
+
+    async def recall(request):
+        return HttpResponse(await request.session.aget("colour"))
+
+    request = RequestFactory().get("/", HTTP_COOKIE=f"sessionid={key}")
+    response = await _session_and_messages(recall)(request)
+    assert response.content == b"green"
+    assert "sessionid" not in response.cookies  # read, not modified: not saved again
+    assert "Cookie" in response["Vary"]
+
+
+async def test_an_untouched_session_sets_no_cookie_and_an_emptied_one_is_deleted():
+    async def untouched(request):
+        return HttpResponse("ok")
+
+    response = await _session_and_messages(untouched)(RequestFactory().get("/"))
+    assert not response.cookies and not response.has_header("Vary")
+
+    async def emptied(request):
+        await request.session.aflush()
+        return HttpResponse("ok")
+
+    request = RequestFactory().get("/", HTTP_COOKIE="sessionid=" + "x" * 32)
+    response = await _session_and_messages(emptied)(request)
+    assert response.cookies["sessionid"].value == ""  # deleted
+
+
+async def test_a_message_added_in_one_request_is_shown_in_the_next():
+    from django.contrib import messages
+
+    async def add(request):
+        messages.success(request, "Saved.")
+        return HttpResponse("ok")
+
+    response = await _session_and_messages(add)(RequestFactory().get("/"))
+    cookie = response.cookies["messages"].value
+    assert cookie
+
+    async def show(request):
+        return HttpResponse(" ".join(str(m) for m in messages.get_messages(request)))
+
+    request = RequestFactory().get("/", HTTP_COOKIE=f"messages={cookie}")
+    response = await _session_and_messages(show)(request)
+    assert response.content == b"Saved."
+    assert response.cookies["messages"].value == ""  # read: removed
