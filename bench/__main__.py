@@ -146,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="send `Authorization: Token TOKEN` with every request (default: $BENCH_TOKEN)",
     )
     service.add_argument(
+        "--user",
+        help="create user USER (and a token) in the service's database and send its token: "
+        "with --env CHAT_ALLOW_ANONYMOUS=false, CHAT_THROTTLE_USER, CHAT_USER_BUDGET_USD... "
+        "the whole admission path runs",
+    )
+    service.add_argument(
         "--server-cmd",
         default=DEFAULT_SERVER_CMD,
         help="command that starts one instance; {host}, {port} and {workers} are filled in "

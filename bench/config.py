@@ -71,6 +71,7 @@ class Deployment:
     extra_env: dict[str, str]
     token: str | None
     urls: tuple[str, ...] = ()
+    user: str | None = None
     keep_workspace: bool = False
 
     @property
@@ -156,6 +157,7 @@ def resolve(options: dict[str, Any], scenario: str | None, server_cmd: str) -> R
         redis_url=options.get("redis_url"),
         extra_env=options.get("env") or {},
         token=options.get("token"),
+        user=options.get("user"),
         urls=tuple(options.get("url") or ()),
         keep_workspace=bool(options.get("keep")),
     )

@@ -203,6 +203,7 @@ class Stack:
         self.database: Database | None = None
         self.instances: list[Instance] = []  # running now
         self.stopped: list[tuple[Instance, int | None]] = []  # and their exit codes
+        self.token = deployment.token
         self.endpoints = [endpoint_from_url(url, deployment.token) for url in deployment.urls]
 
     @property
@@ -245,6 +246,9 @@ class Stack:
         self.manage(["migrate", "--noinput"])
         if flush and not self.database.fresh:
             self.manage(["flush", "--noinput"])
+        if self.deployment.user:
+            # The user's token, made for this run: its limits and budget apply.
+            self.token = self.manage(["create_token", self.deployment.user, "--rotate"]).split()[-1]
         return self.database
 
     def manage(self, args: list[str], timeout: float = 3600) -> str:
@@ -289,7 +293,7 @@ class Stack:
                     command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
                 )
             self.instances.append(Instance(port, command, log, process))
-        self.endpoints = [Endpoint(HOST, i.port, token=deployment.token) for i in self.instances]
+        self.endpoints = [Endpoint(HOST, i.port, token=self.token) for i in self.instances]
         for instance, endpoint in zip(self.instances, self.endpoints, strict=True):
             await _wait_ready(instance, endpoint)
 
@@ -324,7 +328,9 @@ class Stack:
                 {"pid": p.pid, "threads": p.num_threads(), "cmdline": " ".join(p.cmdline())}
                 for p in self.server_processes()
             ]
-        if self.deployment.token:
+        if self.deployment.user:
+            info["auth"] = f"Authorization: Token <the token of user {self.deployment.user!r}>"
+        elif self.deployment.token:
             info["auth"] = "Authorization: Token <--token>"
         return info
 

@@ -35,6 +35,7 @@ async def test_a_request_keeps_one_thread_and_concurrent_requests_get_different_
         threads[scope["path"]].append(await sync_to_async(threading.get_ident)())
 
     monkeypatch.setattr(asgi, "django_application", app)
+    monkeypatch.setattr(asgi, "_idle_request_executors", type(asgi._idle_request_executors)())
     await asyncio.wait_for(asyncio.gather(_call("/a"), _call("/b")), timeout=5)
 
     (a1, a2), (b1, b2) = threads["/a"], threads["/b"]
@@ -87,9 +88,8 @@ def _open_database_connections() -> int:
             return cursor.fetchone()[0]
     # SQLite keeps a closed connection's file descriptor for reuse while other connections of
     # the process hold locks on the file, so count the connections Django holds open instead.
-    return sum(
-        isinstance(o, BaseDatabaseWrapper) and o.connection is not None for o in gc.get_objects()
-    )
+    wrappers = [o for o in gc.get_objects() if issubclass(type(o), BaseDatabaseWrapper)]
+    return sum(wrapper.connection is not None for wrapper in wrappers)
 
 
 @pytest.mark.django_db(transaction=True)
