@@ -132,8 +132,14 @@ TEMPLATES = [
 # Django advises under ASGI, so a request's connection is closed (or, on PostgreSQL, returned to
 # the pool) when the request ends. Connections per process are therefore bounded.
 DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
-DATABASE_THREADS = env.int("DATABASE_THREADS", default=4)
 _database = DATABASES["default"]
+# SQLite: 8, measured (BENCHMARKS.md): a writer waiting for SQLite's lock sleeps in its busy
+# handler, holding a thread, so more threads keep the lock busier. PostgreSQL: 4, since each
+# thread holds a server connection.
+DATABASE_THREADS = env.int(
+    "DATABASE_THREADS",
+    default=8 if _database["ENGINE"] == "django.db.backends.sqlite3" else 4,
+)
 _database["CONN_MAX_AGE"] = 0
 if _database["ENGINE"] == "django.db.backends.sqlite3":
     # Many concurrent writers on the embedded default: WAL lets readers run beside the writer,
