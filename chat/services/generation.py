@@ -97,17 +97,36 @@ async def _produce(
     last_saved: float | None = None
     save_interval = settings.CHAT_STREAM_SAVE_INTERVAL
     message_id = prepared.message.pk
-    async for event in llm.stream(messages=prepared.turns, options=prepared.options):
-        if isinstance(event, llm.Delta):
-            _publish(generation, publisher, TextDelta(event.text, refusal=event.refusal))
-            now = time.monotonic()
-            if last_saved is None or now - last_saved >= save_interval:
-                last_saved = now
-                await db.run(_record_partial, message_id, generation.text, generation.refusal)
-        else:
-            final = event
+    # A partial save runs beside the stream, never in its way (the database may be busy), one
+    # at a time; the outcome is recorded after it, and a late one cannot overwrite the outcome
+    # (it only updates a message still in progress).
+    saving: asyncio.Future[None] | None = None
+    try:
+        async for event in llm.stream(messages=prepared.turns, options=prepared.options):
+            if isinstance(event, llm.Delta):
+                _publish(generation, publisher, TextDelta(event.text, refusal=event.refusal))
+                now = time.monotonic()
+                due = last_saved is None or now - last_saved >= save_interval
+                if due and (saving is None or saving.done()):
+                    last_saved = now
+                    saving = asyncio.ensure_future(
+                        _save_partial(message_id, generation.text, generation.refusal)
+                    )
+            else:
+                final = event
+    finally:
+        if saving is not None:
+            await saving
     assert final is not None
     return final
+
+
+async def _save_partial(message_id: int, text: str, refusal: str) -> None:
+    try:
+        await db.run(_record_partial, message_id, text, refusal)
+    except Exception:
+        # Best effort: the outcome is stored whole at the end either way.
+        logger.warning("could not save the partial text of message %s", message_id, exc_info=True)
 
 
 def _record_partial(message_id: int, text: str, refusal: str) -> None:
