@@ -6,6 +6,8 @@ per request. Here everything that may touch the database runs on the bounded thr
 `chat.db`:
 
 - `initial()` — token and session lookups — and plain `def` handlers run there (one hop);
+  a request without credentials skips that hop: its authentication reads nothing (no token to
+  look up, no session to load) and the anonymous user is cached;
 - `async def` handlers are awaited on the event loop (they call `chat.db.run` themselves).
 
 The rest is DRF's own: request parsing, content negotiation, the exception handler
@@ -18,6 +20,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth.models import User
 from django.http import HttpRequest, HttpResponseBase
 from rest_framework.renderers import JSONRenderer
@@ -48,6 +51,14 @@ class APIView(DRFAPIView):
             self.owner = users.anonymous_user()
             self.client_ip = request_context.client_ip(request.META)
 
+    def _initial_reads_the_database(self, request: Request) -> bool:
+        django_request = request._request
+        has_credentials = bool(self.authentication_classes) and (
+            "HTTP_AUTHORIZATION" in django_request.META  # a token to look up
+            or settings.SESSION_COOKIE_NAME in django_request.COOKIES  # a session to load
+        )
+        return has_credentials or (self.acts_for_user and not users.anonymous_user_is_cached())
+
     def _handler(self, request: Request) -> Callable[..., Any]:
         method = (request.method or "").lower()
         if method in self.http_method_names:
@@ -71,7 +82,7 @@ class APIView(DRFAPIView):
         try:
             handler = self._handler(request)
             if inspect.iscoroutinefunction(handler):
-                if self.authentication_classes or self.acts_for_user:
+                if self._initial_reads_the_database(request):
                     await db.run(self.initial, request, *args, **kwargs)
                 else:
                     self.initial(request, *args, **kwargs)

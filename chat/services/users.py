@@ -26,6 +26,11 @@ def anonymous_user() -> User:
     return _anonymous[0]
 
 
+def anonymous_user_is_cached() -> bool:
+    """Whether `anonymous_user()` would answer without reading the database."""
+    return _anonymous is not None and time.monotonic() - _anonymous[1] <= ANONYMOUS_USER_TTL
+
+
 def forget_anonymous_user() -> None:
     """Drop the cached anonymous user (tests that empty the database)."""
     global _anonymous
