@@ -115,7 +115,7 @@ async def test_a_regenerate_is_not_dropped_from_the_registry_by_the_previous_tas
     message_id = first.json()["id"]
     title_tasks = generations.pending_tasks()
     assert title_tasks, "the title call runs as its own tracked task"
-    fake_openai.latency = 2
+    fake_openai.latency = 30  # still generating at shutdown, however slow the machine
     await messages.message_regenerate(owner=anonymous, message_id=message_id, stream=True)
     current = generations.get(message_id)
     assert current is not None and current.task not in title_tasks

@@ -294,7 +294,8 @@ def test_rate_limits_and_budgets_are_shared_by_the_hosts(cluster):
     # reserves its prompt plus CHAT_MAX_COMPLETION_TOKENS = 4096 tokens).
     budget = Decimal("0.013")
     cluster.manage("set_budget", "budgeted", str(budget))
-    spent = asyncio.run(burst(cluster.tokens["budgeted"], 10, "budgeted"))
+    # Slow replies, so that the admitted calls' reservations overlap however the burst is spread.
+    spent = asyncio.run(burst(cluster.tokens["budgeted"], 10, "budgeted [[latency:2]]"))
     refusals = [r.json()["error"]["code"] for r in spent if r.status_code == 429]
     assert any(r.status_code == 201 for r in spent)
     assert "budget_exceeded" in refusals and set(refusals) <= {"budget_exceeded", "rate_limited"}

@@ -423,6 +423,8 @@ def test_keyboard_only_from_the_first_tab_to_a_reply(page):
     page.keyboard.type("Typed with keys only [[reply:Keys work.]]")
     page.keyboard.press("Enter")
     expect(reply_text(page)).to_have_text("Keys work.")
+    # The reply's actions appear once it is stored (after its text).
+    expect(page.get_by_role("button", name="Regenerate reply")).to_be_visible()
 
     # The reply's actions are next in the tab order after the box's own buttons.
     page.keyboard.press("Shift+Tab")
