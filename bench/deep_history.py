@@ -8,15 +8,17 @@ warmed service, each query is timed `requests` times in a row on one keep-alive 
 * first page: ``/api/messages/``;
 * deep page: ``?page=`` the page before the last;
 * deep cursor: the same depth through keyset pagination (``?cursor=``), if the service offers
-  it: a response that names the next page's cursor (``next_cursor``, or ``cursor=`` in its
-  ``next`` link). The deep cursor is taken from the deep page's response if it has one, else
-  reached by following cursors from the first page (100 rows a step, for at most
+  it. The cursor is the one the deep page's response names (``next_cursor``, or ``cursor=`` in
+  its ``next`` link); else the keyset position of the deep page's last row (its
+  ``created_at``, the list's order), as DRF's CursorPagination encodes a position; else it is
+  reached by following cursors from the first keyset page (100 rows a step, for at most
   ``CURSOR_WALK_SECONDS``). Without cursors the row is skipped;
 * conversation: ``?conversation=ID``, a conversation of the deep page.
 """
 
 from __future__ import annotations
 
+import base64
 import math
 import time
 from collections import Counter
@@ -82,6 +84,11 @@ def cursor_path(cursor: str, page_size: int = PAGE_SIZE) -> str:
     return f"{LIST_PATH}?{urlencode({'cursor': cursor, 'page_size': page_size})}"
 
 
+def keyset_cursor(position: str) -> str:
+    """The cursor of the page after the row at `position`, in DRF CursorPagination's encoding."""
+    return base64.b64encode(urlencode({"p": position}).encode("ascii")).decode("ascii")
+
+
 async def find_deep_cursor(
     client: Client, first_page: dict[str, Any], deep_page: dict[str, Any], depth: int
 ) -> tuple[str | None, str]:
@@ -89,6 +96,10 @@ async def find_deep_cursor(
     cursor = next_cursor(deep_page)
     if cursor is not None:
         return cursor, "from the deep page's response"
+    rows = deep_page.get("results") or []
+    position = rows[-1].get("created_at") if rows else None
+    if isinstance(position, str):
+        return keyset_cursor(position), "the deep page's last row, as a keyset position"
     cursor = next_cursor(first_page)
     if cursor is None:
         return None, "the service names no cursor (no next_cursor, no cursor= in next)"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench.config import DEFAULTS, SCENARIOS, resolve
-from bench.deep_history import next_cursor
+from bench.deep_history import keyset_cursor, next_cursor
 from bench.http_client import Endpoint, SseParser, parse_sse
 from bench.reattach import StreamTrace, compare
 from bench.report import distribution_ms, percentile
@@ -61,6 +61,17 @@ def test_next_cursor_from_field_or_link():
     assert next_cursor({"next": "http://h/api/messages/?cursor=x%3D&page_size=5"}) == "x="
     assert next_cursor({"next": "http://h/api/messages/?page=3"}) is None
     assert next_cursor({"next": None}) is None
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_keyset_cursor_from_a_row_continues_after_that_row(api, fake_openai):
+    for n in range(5):
+        created = await api.post("/api/messages/create/", json={"prompt_message": f"p{n}"})
+        assert created.status_code == 201
+    first_two = (await api.get("/api/messages/?page_size=2")).json()["results"]
+    cursor = keyset_cursor(first_two[-1]["created_at"])
+    page = (await api.get("/api/messages/", params={"cursor": cursor, "page_size": 2})).json()
+    assert [m["prompt_message"] for m in page["results"]] == ["p2", "p3"]
 
 
 def test_percentiles_are_nearest_rank():
