@@ -34,6 +34,7 @@ def main(argv: list[str]) -> int:
     import django
 
     django.setup()
+    from django.contrib.auth import get_user_model
     from django.core.management import call_command
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
@@ -42,13 +43,17 @@ def main(argv: list[str]) -> int:
     from chat.models import Conversation, Message
 
     call_command("migrate", verbosity=0)
+    owner, _ = get_user_model().objects.get_or_create(username="context-bench")
     print(f"database: {connection.vendor}, budget: {args.budget} tokens, runs: {args.runs}")
     print(f"{'turns':>8} {'median ms':>10} {'p95 ms':>8} {'queries':>8} {'turns kept':>11}")
     for size in [int(s) for s in args.sizes.split(",")]:
-        conversation = Conversation.objects.create(title=f"{size} turns", system_prompt="Be brief.")
+        conversation = Conversation.objects.create(
+            owner=owner, title=f"{size} turns", system_prompt="Be brief."
+        )
         Message.objects.bulk_create(
             (
                 Message(
+                    owner=owner,
                     conversation=conversation,
                     prompt_message=f"Question {i}: what do you think about topic number {i}?",
                     response=f"Answer {i}: topic {i} is interesting for several reasons.",

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from bench.config import DEFAULTS, SCENARIOS, resolve
@@ -88,3 +93,19 @@ def test_explicit_options_win_over_the_preset():
     custom = resolve({}, None, "cmd")
     assert custom.kind == "load" and custom.load.concurrency == DEFAULTS["concurrency"]
     assert custom.load.warmup >= custom.load.ramp == custom.upstream.latency
+
+
+def test_the_context_benchmark_runs(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench", "context", "--sizes", "10,40", "--runs", "2"],
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/context.sqlite3"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    rows = [line.split() for line in completed.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [row[0] for row in rows] == ["10", "40"]
+    assert rows[0][-1] == "10"  # a short conversation is kept whole
