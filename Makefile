@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-postgres test-cluster test-schema lint format bench bench-context bench-deep postman screenshots clean
+.PHONY: install run test test-postgres test-cluster test-schema lint format bench bench-context bench-admission bench-deep postman screenshots clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,10 @@ bench-deep: $(STAMP)
 bench-context: $(STAMP)
 	mkdir -p var/static
 	$(BIN)/python -m bench context $(BENCH_ARGS)
+
+bench-admission: $(STAMP)
+	mkdir -p var/static
+	$(BIN)/python -m bench admission $(BENCH_ARGS)
 
 postman: $(STAMP)
 	bash postman/run.sh

@@ -3,7 +3,8 @@
 Each run starts its own fake OpenAI upstream, database and service (unless ``--url`` names
 running instances), runs one scenario, prints its report and stops everything; the exit status
 is 1 if any run failed. ``python -m bench context [options]`` is the context-building benchmark
-(``make bench-context``).
+(``make bench-context``), ``python -m bench admission [options]`` the admission path's cost
+(``make bench-admission``).
 """
 
 from __future__ import annotations
@@ -220,6 +221,10 @@ async def run_scenario(config: RunConfig, command: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["admission"]:
+        from bench import admission
+
+        return admission.main(argv[1:])
     if argv[:1] == ["context"]:
         from bench import context
 

@@ -120,6 +120,10 @@ def _check_admission(*, user_id: int, amount: int, cap: int, now: dt.datetime) -
             )
 
 
+def _has_budget(user_id: int) -> bool:
+    return selectors.effective_budget(Account.objects.filter(user_id=user_id).first()) is not None
+
+
 def reserve(
     *,
     user: UserRef,
@@ -148,10 +152,13 @@ def reserve(
     amount = price.cost(prompt_tokens=prompt_tokens, completion_tokens=max_completion_tokens)
 
     cap = settings.CHAT_MAX_CONCURRENT_PER_USER
-    unlocked = Account.objects.filter(user_id=user_id).first()
     # With neither a cap nor a budget there is nothing to check: no lock, so one user's calls
-    # are not serialized for nothing. A budget set meanwhile applies from its commit on.
-    if cap or selectors.effective_budget(unlocked) is not None:
+    # are not serialized for nothing. A budget set meanwhile applies from its commit on. (With
+    # a cap the account is locked and read anyway: no unlocked read first.)
+    if (
+        cap
+        or selectors.effective_budget(Account.objects.filter(user_id=user_id).first()) is not None
+    ):
         _check_admission(user_id=user_id, amount=amount, cap=cap, now=now)
     return Reservation.objects.create(
         user_id=user_id,

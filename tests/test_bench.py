@@ -109,3 +109,21 @@ def test_the_context_benchmark_runs(tmp_path):
     rows = [line.split() for line in completed.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert [row[0] for row in rows] == ["10", "40"]
     assert rows[0][-1] == "10"  # a short conversation is kept whole
+
+
+def test_the_admission_benchmark_runs():
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench", "admission", "--chats", "3", "--warmup", "1"],
+        cwd=Path(__file__).resolve().parent.parent,
+        # Its own throwaway SQLite database, whatever the suite runs on.
+        env={k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")},
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    anonymous, user = completed.stdout.split("== user")
+    assert "_store_prompt" in anonymous and "APIView.initial" not in anonymous
+    # With a token, limits and a budget: authentication and the rate limit read the database.
+    assert "APIView.initial" in user and "_hit_db" in user

@@ -1,0 +1,169 @@
+"""What the admission path costs: a chat's database work with and without a user's limits.
+
+Drives the shipped ASGI application in process (httpx's ASGI transport) against the fake OpenAI
+server without latency, one chat after another, and times every unit of database work
+(`chat.db.run`) with `time.thread_time()` on its thread, counting its queries. Two modes, each
+in a fresh process and database: `anonymous` (no credentials, no limits) and `user` (a token,
+CHAT_THROTTLE_USER, CHAT_MAX_CONCURRENT_PER_USER and CHAT_USER_BUDGET_USD set: authentication,
+rate limit, concurrency cap and budget reservation all run). The difference is the admission
+path's cost.
+
+    make bench-admission        # or: .venv/bin/python -m bench admission --chats 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+MODES = ("anonymous", "user")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench admission", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--chats", type=int, default=300, help="timed chats per mode")
+    parser.add_argument("--warmup", type=int, default=30, help="chats before timing")
+    parser.add_argument("--mode", choices=MODES, help="run one mode in this process")
+    parser.add_argument("--redis-url", default="", help="REDIS_URL for the service (limits)")
+    args = parser.parse_args(argv)
+    if args.mode:
+        return _measure(args)
+    for mode in MODES:  # each mode in a process of its own: settings are read at startup
+        command = [sys.executable, "-m", "bench", "admission", "--mode", mode]
+        command += ["--chats", str(args.chats), "--warmup", str(args.warmup)]
+        command += ["--redis-url", args.redis_url]
+        completed = subprocess.run(command, cwd=ROOT, check=False)
+        if completed.returncode:
+            return completed.returncode
+    return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _measure(args: argparse.Namespace) -> int:
+    # The fake server in a process of its own, so that its CPU is not counted as the service's.
+    port = _free_port()
+    fake = subprocess.Popen(
+        [sys.executable, "-m", "tests.fake_openai", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or fake.poll() is not None:
+                    raise SystemExit("bench admission: the fake server did not start") from None
+                time.sleep(0.1)
+        tmp = tempfile.mkdtemp(prefix="admission-bench-")
+        os.environ.update(
+            DJANGO_SETTINGS_MODULE="config.settings",
+            DATABASE_URL=os.environ.get("DATABASE_URL", f"sqlite:///{tmp}/bench.sqlite3"),
+            REDIS_URL=args.redis_url,
+            OPENAI_BASE_URL=f"http://127.0.0.1:{port}/v1",
+            OPENAI_API_KEY="bench-key",
+            LOG_LEVEL="WARNING",
+            CHAT_THROTTLE_ANON="",
+            CHAT_MAX_CONCURRENT_PER_USER="0",
+        )
+        if args.mode == "user":
+            os.environ.update(
+                CHAT_ALLOW_ANONYMOUS="false",
+                CHAT_THROTTLE_USER="100000/min",
+                CHAT_MAX_CONCURRENT_PER_USER="1000",
+                CHAT_USER_BUDGET_USD="1000000",
+            )
+        import django
+
+        django.setup()
+        from django.core.management import call_command
+
+        call_command("migrate", verbosity=0)
+        headers = {}
+        if args.mode == "user":
+            out = io.StringIO()
+            call_command("create_token", "bench", "--rotate", stdout=out)
+            headers["Authorization"] = f"Token {out.getvalue().split()[-1]}"
+        return asyncio.run(_drive(args, headers))
+    finally:
+        fake.kill()
+        fake.wait()
+
+
+async def _drive(args: argparse.Namespace, headers: dict[str, str]) -> int:
+    import httpx
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from chat import db
+    from config.asgi import application
+
+    stats: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0])
+    timed = False
+    run = db._run
+
+    def measured(fn: Any, *a: Any, **k: Any) -> Any:
+        if not timed:
+            return run(fn, *a, **k)
+        with CaptureQueriesContext(connection) as queries:
+            started = time.thread_time()
+            result = run(fn, *a, **k)
+            cpu = time.thread_time() - started
+        entry = stats[getattr(fn, "__qualname__", repr(fn))]
+        entry[0] += 1
+        entry[1] += cpu
+        entry[2] += len(queries.captured_queries)
+        return result
+
+    db._run = measured
+    transport = httpx.ASGITransport(app=application)
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://127.0.0.1", headers=headers
+    ) as client:
+
+        async def chat() -> None:
+            response = await client.post("/api/messages/create/", json={"prompt_message": "hi"})
+            if response.status_code != 201:
+                raise SystemExit(f"bench admission: {response.status_code} {response.text}")
+
+        for _ in range(args.warmup):
+            await chat()
+        timed = True
+        started = time.process_time()
+        for _ in range(args.chats):
+            await chat()
+        process_cpu = (time.process_time() - started) / args.chats
+    db.close_connections()
+
+    print(f"== {args.mode} ({connection.vendor}, {args.chats} chats) ==")
+    print(f"process CPU per chat (client and SDK included): {process_cpu * 1000:.2f} ms")
+    total = 0.0
+    for name, (calls, cpu, queries) in stats.items():
+        total += cpu
+        print(
+            f"  {name:<32} {calls / args.chats:.2f} per chat, "
+            f"{cpu / args.chats * 1000:.3f} ms CPU, {queries / max(calls, 1):.1f} queries each"
+        )
+    print(f"  {'database threads in all':<32} {total / args.chats * 1000:.3f} ms CPU per chat")
+    return 0
