@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from playwright.sync_api import expect
+
 #: The users in the browser tests' databases (username: password).
 USERS = {"alice": "alice-pass-8731", "bob": "bob-pass-2209", "carol": "carol-pass-5150"}
 
@@ -9,6 +11,9 @@ USERS = {"alice": "alice-pass-8731", "bob": "bob-pass-2209", "carol": "carol-pas
 def send(page, text: str) -> None:
     box = page.get_by_role("textbox", name="Message")
     box.fill(text)
+    # While a reply is still being finished (its text shown, its outcome not yet stored) the
+    # page does not send, as a person would see: wait until it can.
+    expect(page.get_by_role("button", name="Send", exact=True)).to_be_enabled()
     box.press("Enter")
 
 
