@@ -6,7 +6,8 @@ exact import paths: with the async-native subclasses this project uses
 silenced in settings) and skip every check that depends on it (HSTS, HTTPS redirect, secure
 CSRF cookie, X-Frame-Options...). This check runs those same Django checks with each subclass
 counted as the Django class it extends, so `check --deploy` reports exactly what it would with
-Django's own middleware.
+Django's own middleware. (Django's session cookie checks need no help: they fire for the
+installed sessions app whatever the middleware, as security.W010/W013.)
 """
 
 from __future__ import annotations

@@ -78,6 +78,13 @@ def test_the_deploy_checks_see_through_the_subclasses(settings):
     assert "security.W003" in {m.id for m in django_security_checks()}  # no CSRF middleware
 
 
+def test_an_insecure_session_cookie_is_still_reported(settings):
+    from django.core.checks.security.sessions import check_session_cookie_secure
+
+    settings.SESSION_COOKIE_SECURE = False
+    assert {m.id for m in check_session_cookie_secure(None)} == {"security.W010"}
+
+
 def _session_and_messages(view):
     """The two middleware as Django chains them (messages inside the session)."""
     return django_middleware.SessionMiddleware(django_middleware.MessageMiddleware(view))
