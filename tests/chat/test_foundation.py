@@ -115,7 +115,14 @@ async def test_a_regenerate_is_not_dropped_from_the_registry_by_the_previous_tas
     message_id = first.json()["id"]
     title_tasks = generations.pending_tasks()
     assert title_tasks, "the title call runs as its own tracked task"
-    fake_openai.latency = 30  # still generating at shutdown, however slow the machine
+    # The regenerate's model call hangs (its prompt's marker would make it as quick as the
+    # title call), so it is still generating at shutdown however slow the machine: queued once
+    # the title call has reached the server.
+    for _ in range(200):
+        if len(fake_openai.chat_requests()) >= 2:
+            break
+        await asyncio.sleep(0.01)
+    fake_openai.fail_next("timeout", delay=30)
     await messages.message_regenerate(owner=anonymous, message_id=message_id, stream=True)
     current = generations.get(message_id)
     assert current is not None and current.task not in title_tasks
