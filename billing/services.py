@@ -155,10 +155,7 @@ def reserve(
     # With neither a cap nor a budget there is nothing to check: no lock, so one user's calls
     # are not serialized for nothing. A budget set meanwhile applies from its commit on. (With
     # a cap the account is locked and read anyway: no unlocked read first.)
-    if (
-        cap
-        or selectors.effective_budget(Account.objects.filter(user_id=user_id).first()) is not None
-    ):
+    if cap or _has_budget(user_id):
         _check_admission(user_id=user_id, amount=amount, cap=cap, now=now)
     return Reservation.objects.create(
         user_id=user_id,

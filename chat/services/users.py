@@ -20,9 +20,8 @@ def anonymous_user() -> User:
     """The one user that requests without credentials act as (CHAT_ALLOW_ANONYMOUS), created
     on first use with an unusable password: nobody can log in as it."""
     global _anonymous
-    now = time.monotonic()
-    if _anonymous is None or now - _anonymous[1] > ANONYMOUS_USER_TTL:
-        _anonymous = (_get_or_create_anonymous_user(), now)
+    if _anonymous is None or not anonymous_user_is_cached():
+        _anonymous = (_get_or_create_anonymous_user(), time.monotonic())
     return _anonymous[0]
 
 
