@@ -8,9 +8,9 @@ settings this project uses (CSRF tokens in a cookie, not in the session). The se
 middleware do I/O only when there is something to save (a modified session, new or unread
 messages): their variants run the hooks on the loop and send only that case to a thread.
 
-Django's ASGI handler gives each request that makes such a hop a thread of its own (asgiref's
-ThreadSensitiveContext), started and joined per request: one stock middleware left in the chain
-costs every API request a thread.
+Each such hop goes to the request's own thread (asgiref's ThreadSensitiveContext; config/asgi.py
+lends each request a reused one): one stock middleware left in the chain costs every API request
+two more hops.
 
 Measured (BENCHMARKS.md): about 2-3 ms of server CPU per chat on the 2-core machine; the tests in
 tests/test_django_middleware.py check that each keeps Django's behaviour, errors included.
@@ -32,10 +32,15 @@ from django.middleware import clickjacking, common, csrf, security
 
 
 class HooksOnTheLoop:
-    """Mix in before a Django middleware class whose hooks do no I/O."""
+    """Mix in before a Django middleware class whose hooks do no I/O (or, for process_response,
+    none unless `response_needs_a_thread` says so)."""
 
     sync_capable = False
     async_capable = True
+
+    def response_needs_a_thread(self, request: HttpRequest) -> bool:
+        """Whether this request's process_response does I/O (it then runs on a thread)."""
+        return False
 
     async def __call__(self, request: HttpRequest) -> HttpResponseBase:
         response = None
@@ -44,7 +49,10 @@ class HooksOnTheLoop:
         get_response: Callable[[HttpRequest], Awaitable[HttpResponseBase]] = self.get_response  # type: ignore[attr-defined]
         response = response or await get_response(request)
         if hasattr(self, "process_response"):
-            response = self.process_response(request, response)
+            if self.response_needs_a_thread(request):
+                response = await sync_to_async(self.process_response)(request, response)
+            else:
+                response = self.process_response(request, response)
         return response
 
 
@@ -84,34 +92,20 @@ class XFrameOptionsMiddleware(HooksOnTheLoop, clickjacking.XFrameOptionsMiddlewa
     pass
 
 
-class SessionMiddleware(sessions.SessionMiddleware):
+class SessionMiddleware(HooksOnTheLoop, sessions.SessionMiddleware):
     """The session is lazy: setting it up reads nothing. Only saving it is I/O."""
 
-    sync_capable = False
-    async_capable = True
-
-    async def __call__(self, request: HttpRequest) -> HttpResponseBase:
-        self.process_request(request)
-        response = await self.get_response(request)  # type: ignore[misc]
+    def response_needs_a_thread(self, request: HttpRequest) -> bool:
         session = getattr(request, "session", None)
         # The condition under which Django's process_response saves (and reads the expiry).
-        if session is not None and (
+        return session is not None and (
             (session.modified or settings.SESSION_SAVE_EVERY_REQUEST) and not session.is_empty()
-        ):
-            return await sync_to_async(self.process_response)(request, response)
-        return self.process_response(request, response)
+        )
 
 
-class MessageMiddleware(messages.MessageMiddleware):
+class MessageMiddleware(HooksOnTheLoop, messages.MessageMiddleware):
     """The message storage is lazy: it reads or writes only messages that were added or read."""
 
-    sync_capable = False
-    async_capable = True
-
-    async def __call__(self, request: HttpRequest) -> HttpResponseBase:
-        self.process_request(request)
-        response = await self.get_response(request)  # type: ignore[misc]
+    def response_needs_a_thread(self, request: HttpRequest) -> bool:
         storage = getattr(request, "_messages", None)
-        if storage is not None and (storage.used or storage.added_new):
-            return await sync_to_async(self.process_response)(request, response)
-        return self.process_response(request, response)
+        return storage is not None and (storage.used or storage.added_new)
