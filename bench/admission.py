@@ -17,14 +17,15 @@ import argparse
 import asyncio
 import io
 import os
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from bench.config import Upstream
+from bench.servers import FakeUpstream, Workspace
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("anonymous", "user")
@@ -51,37 +52,17 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _measure(args: argparse.Namespace) -> int:
     # The fake server in a process of its own, so that its CPU is not counted as the service's.
-    port = _free_port()
-    fake = subprocess.Popen(
-        [sys.executable, "-m", "tests.fake_openai", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    workspace = Workspace()
+    fake = FakeUpstream(workspace, Upstream(latency=0, chunks=1))
+    fake.start()
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or fake.poll() is not None:
-                    raise SystemExit("bench admission: the fake server did not start") from None
-                time.sleep(0.1)
-        tmp = tempfile.mkdtemp(prefix="admission-bench-")
         os.environ.update(
             DJANGO_SETTINGS_MODULE="config.settings",
-            DATABASE_URL=os.environ.get("DATABASE_URL", f"sqlite:///{tmp}/bench.sqlite3"),
+            DATABASE_URL=os.environ.get("DATABASE_URL", f"sqlite:///{workspace.path}/db.sqlite3"),
             REDIS_URL=args.redis_url,
-            OPENAI_BASE_URL=f"http://127.0.0.1:{port}/v1",
+            OPENAI_BASE_URL=fake.url,
             OPENAI_API_KEY="bench-key",
             LOG_LEVEL="WARNING",
             CHAT_THROTTLE_ANON="",
@@ -107,8 +88,8 @@ def _measure(args: argparse.Namespace) -> int:
             headers["Authorization"] = f"Token {out.getvalue().split()[-1]}"
         return asyncio.run(_drive(args, headers))
     finally:
-        fake.kill()
-        fake.wait()
+        fake.stop()
+        workspace.remove()
 
 
 async def _drive(args: argparse.Namespace, headers: dict[str, str]) -> int:
