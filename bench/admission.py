@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import inspect
 import io
 import os
 import subprocess
@@ -95,29 +97,90 @@ def _measure(args: argparse.Namespace) -> int:
 async def _drive(args: argparse.Namespace, headers: dict[str, str]) -> int:
     import httpx
     from django.db import connection
-    from django.test.utils import CaptureQueriesContext
 
     from chat import db
     from config.asgi import application
 
     stats: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0])
+    steps: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
     timed = False
     run = db._run
 
     def measured(fn: Any, *a: Any, **k: Any) -> Any:
         if not timed:
             return run(fn, *a, **k)
-        with CaptureQueriesContext(connection) as queries:
+        queries = 0
+
+        def count(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+            nonlocal queries
+            queries += 1
+            return execute(sql, params, many, context)
+
+        # Counted by an execute wrapper, not CaptureQueriesContext: its debug cursor (timing
+        # and logging every query) would add to the CPU measured.
+        with connection.execute_wrapper(count):
             started = time.thread_time()
             result = run(fn, *a, **k)
             cpu = time.thread_time() - started
         entry = stats[getattr(fn, "__qualname__", repr(fn))]
         entry[0] += 1
         entry[1] += cpu
-        entry[2] += len(queries.captured_queries)
+        entry[2] += queries
         return result
 
     db._run = measured
+
+    def step(name: str, fn: Any) -> Any:
+        """`fn` with its CPU (on the thread that runs it) added to the admission step `name`."""
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def timed_coroutine(*a: Any, **k: Any) -> Any:
+                started = time.thread_time()
+                try:
+                    return await fn(*a, **k)
+                finally:
+                    if timed:
+                        steps[name][0] += 1
+                        steps[name][1] += time.thread_time() - started
+
+            return timed_coroutine
+
+        @functools.wraps(fn)
+        def timed_function(*a: Any, **k: Any) -> Any:
+            started = time.thread_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                if timed:
+                    steps[name][0] += 1
+                    steps[name][1] += time.thread_time() - started
+
+        return timed_function
+
+    # The admission path's own steps, timed where they run (the loop or a database thread).
+    # Patched where present, so that the same script measures older code too.
+    from billing import limits, services
+    from chat.api import authentication
+
+    token_auth = authentication.TokenAuthentication
+    for owner, attribute, name in (
+        (token_auth, "authenticate_credentials", "authentication: token read"),
+        (token_auth, "credentials_from_cache", "authentication: token cached"),
+        (limits, "throttle", "rate limit: throttle (loop)"),
+        (limits, "_hit_db", "rate limit: hit (own transaction)"),
+        (limits, "_hit_in_transaction", "rate limit: hit (database)"),
+        (services, "_has_budget", "budget: anything to check?"),
+        (services, "_check_admission", "cap and budget check"),
+    ):
+        original = inspect.getattr_static(owner, attribute, None)
+        if original is None:
+            continue
+        if isinstance(original, (staticmethod, classmethod)):
+            wrapped = step(name, getattr(owner, attribute))
+            setattr(owner, attribute, staticmethod(wrapped))
+        else:
+            setattr(owner, attribute, step(name, original))
     transport = httpx.ASGITransport(app=application)
     async with httpx.AsyncClient(
         transport=transport, base_url="http://127.0.0.1", headers=headers
@@ -147,4 +210,10 @@ async def _drive(args: argparse.Namespace, headers: dict[str, str]) -> int:
             f"{cpu / args.chats * 1000:.3f} ms CPU, {queries / max(calls, 1):.1f} queries each"
         )
     print(f"  {'database threads in all':<32} {total / args.chats * 1000:.3f} ms CPU per chat")
+    print("admission steps (CPU where each runs, per chat):")
+    admission = 0.0
+    for name, (calls, cpu) in sorted(steps.items()):
+        admission += cpu
+        print(f"  {name:<40} {calls / args.chats:.2f} per chat, {cpu / args.chats * 1000:.3f} ms")
+    print(f"  {'admission path in all':<40} {admission / args.chats * 1000:.3f} ms CPU per chat")
     return 0

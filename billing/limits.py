@@ -18,6 +18,7 @@ import logging
 import math
 import random
 import uuid
+from dataclasses import dataclass
 
 from django.conf import settings
 from django.db import transaction
@@ -31,6 +32,7 @@ from chat.errors import RateLimited
 from chat.redis_client import get_redis
 
 __all__ = [
+    "PendingHit",
     "Rate",
     "hit",
     "parse_rate",
@@ -51,6 +53,8 @@ ADVISORY_LOCK_NAMESPACE = 0x62696C6C  # "bill"
 # About one database check in PURGE_EVERY also deletes every key's hits older than a day (the
 # longest DRF window); each check deletes its own key's old hits anyway.
 PURGE_EVERY = 1000
+# About one check in STALE_DELETE_EVERY deletes its key's hits that have left the window.
+STALE_DELETE_EVERY = 16
 
 # KEYS[1] the sorted set; ARGV: limit, window in microseconds, a unique member.
 # Returns -1 when admitted (and recorded), else the microseconds until the oldest hit leaves
@@ -86,13 +90,23 @@ async def hit(*, key: str, rate: Rate) -> float | None:
     """Record a request of `key` if `rate` admits it: None when admitted, else the seconds
     until a slot frees (> 0). Redis when REDIS_URL is set (the database if Redis fails)."""
     key = _storage_key(key)
-    client = get_redis()
-    if client is not None:
-        try:
-            return await _hit_redis(client, key, rate)
-        except RedisError:
-            logger.warning("Rate limit check on Redis failed; using the database", exc_info=True)
+    counted, wait = await _hit_redis_if_configured(key, rate)
+    if counted:
+        return wait
     return await db.run(_hit_db, key, rate)
+
+
+async def _hit_redis_if_configured(key: str, rate: Rate) -> tuple[bool, float | None]:
+    """(True, `hit`'s answer) when Redis counted the hit; (False, None) without Redis, or when
+    it failed: the database must count it."""
+    client = get_redis()
+    if client is None:
+        return False, None
+    try:
+        return True, await _hit_redis(client, key, rate)
+    except RedisError:
+        logger.warning("Rate limit check on Redis failed; using the database", exc_info=True)
+        return False, None
 
 
 async def _hit_redis(client, key: str, rate: Rate) -> float | None:
@@ -107,28 +121,51 @@ async def _hit_redis(client, key: str, rate: Rate) -> float | None:
 
 
 def _hit_db(key: str, rate: Rate) -> float | None:
-    window = dt.timedelta(seconds=rate.window)
     with transaction.atomic():
-        connection = transaction.get_connection()
-        if connection.vendor == "postgresql":
-            with connection.cursor() as cursor:
-                cursor.execute(
-                    "SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
-                    [ADVISORY_LOCK_NAMESPACE, key],
-                )
-        # Read the clock once the key is ours, so hits are recorded in order.
-        now = timezone.now()
-        hits = RateLimitHit.objects.filter(key=key)
-        hits.filter(at__lte=now - window).delete()
-        if hits.count() < rate.limit:
-            RateLimitHit.objects.create(key=key, at=now)
-            if random.randrange(PURGE_EVERY) == 0:  # noqa: S311 (not a secret)
-                purge_rate_limit_hits(now=now)
-            return None
-        oldest = hits.order_by("at").values_list("at", flat=True).first()
+        return _hit_in_transaction(key, rate)
+
+
+def _hit_in_transaction(key: str, rate: Rate) -> float | None:
+    """`hit` on the database, in the caller's transaction: the check and the record serialize
+    on the key until that transaction ends, and a rollback takes the record back."""
+    window = dt.timedelta(seconds=rate.window)
+    connection = transaction.get_connection()
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
+                [ADVISORY_LOCK_NAMESPACE, key],
+            )
+    # Read the clock once the key is ours, so hits are recorded in order.
+    now = timezone.now()
+    # Hits that left the window are no longer counted; deleting them now and then (and the
+    # daily purge) keeps a key's rows few without a DELETE on every check.
+    if random.randrange(STALE_DELETE_EVERY) == 0:  # noqa: S311 (not a secret)
+        RateLimitHit.objects.filter(key=key, at__lte=now - window).delete()
+    # The count and the insert in one statement (raw: the ORM cannot say INSERT ... SELECT,
+    # and as two ORM queries it costs over ten times the CPU; BENCHMARKS.md).
+    at = connection.ops.adapt_datetimefield_value(now)
+    since = connection.ops.adapt_datetimefield_value(now - window)
+    with connection.cursor() as cursor:
+        cursor.execute(_RECORD_IF_UNDER_LIMIT_SQL, [key, at, key, since, rate.limit])
+        admitted = cursor.rowcount == 1
+    if admitted:
+        if random.randrange(PURGE_EVERY) == 0:  # noqa: S311 (not a secret)
+            purge_rate_limit_hits(now=now)
+        return None
+    in_window = RateLimitHit.objects.filter(key=key, at__gt=now - window)
+    oldest = in_window.order_by("at").values_list("at", flat=True).first()
     if oldest is None:  # a limit of 0
         return float(rate.window)
     return max((oldest + window - now).total_seconds(), 1e-6)
+
+
+_HITS = RateLimitHit._meta.db_table
+_RECORD_IF_UNDER_LIMIT_SQL = f"""
+INSERT INTO {_HITS} ("key", "at")
+SELECT %s, %s
+WHERE (SELECT COUNT(*) FROM {_HITS} WHERE "key" = %s AND "at" > %s) < %s
+"""  # noqa: S608 (the table name from the model; every value is a parameter)
 
 
 def purge_rate_limit_hits(*, older_than: float = 86400, now: dt.datetime | None = None) -> int:
@@ -170,11 +207,38 @@ def rate_limited(wait: float) -> RateLimited:
     )
 
 
-async def throttle(*, user_id: int | None, client_ip: str | None) -> None:
-    """Count one API request against its client's rate; RateLimited if refused."""
+@dataclass(frozen=True)
+class PendingHit:
+    """A request that the database backend counts in the transaction that stores it."""
+
+    key: str
+    rate: Rate
+
+    def record(self) -> None:
+        """Count the request in the caller's transaction (`transaction.atomic()`), or raise
+        RateLimited; the transaction's rollback then leaves nothing recorded."""
+        if not transaction.get_connection().in_atomic_block:
+            raise RuntimeError("PendingHit.record() must run inside transaction.atomic().")
+        wait = _hit_in_transaction(self.key, self.rate)
+        if wait is not None:
+            raise rate_limited(wait)
+
+
+async def throttle(*, user_id: int | None, client_ip: str | None) -> PendingHit | None:
+    """Count one API request against its client's rate; RateLimited if refused.
+
+    On Redis the request is counted here. On the database (no REDIS_URL, or Redis failing) it
+    is returned as a PendingHit, for the caller to `record()` inside the transaction that
+    stores the request: one transaction and one database round trip fewer, and a request that
+    transaction refuses (over its budget, say) is not counted. None: nothing left to count.
+    """
     rate = rate_for(anonymous=user_id is None)
     if rate is None:
-        return
-    wait = await hit(key=throttle_key(user_id=user_id, client_ip=client_ip), rate=rate)
+        return None
+    key = _storage_key(throttle_key(user_id=user_id, client_ip=client_ip))
+    counted, wait = await _hit_redis_if_configured(key, rate)
+    if not counted:
+        return PendingHit(key=key, rate=rate)
     if wait is not None:
         raise rate_limited(wait)
+    return None

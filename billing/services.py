@@ -90,38 +90,51 @@ def lock_account(user_id: int) -> Account:
 
 
 def _check_admission(*, user_id: int, amount: int, cap: int, now: dt.datetime) -> None:
-    """The atomic check of `reserve`: the user's account locked, then the concurrency cap and
-    the budget against the reservations and spending seen under that lock."""
-    account = lock_account(user_id)
-    # The reservations before the spending: see `settle`.
-    in_flight, reserved = selectors.unexpired_reservations(user_id=user_id, now=now)
-    if cap and in_flight >= cap:
+    """The atomic check of `reserve`: the concurrency cap and the budget against the
+    reservations and spending read under the user's lock.
+
+    On SQLite the transaction (BEGIN IMMEDIATE) holds the database's write lock already. On
+    PostgreSQL the account row is locked first, and the totals are read by the next statement,
+    which sees everything the previous holder of the lock committed (READ COMMITTED). With
+    neither a cap nor a budget there is nothing to check: no lock, so that one user's calls
+    are not serialized for nothing (a budget set meanwhile applies from its commit on).
+    """
+    period = settings.CHAT_USER_BUDGET_PERIOD
+    start, end = period_bounds(period, now)
+
+    def read_totals(*, lock: bool) -> selectors.Totals | None:
+        if lock:
+            lock_account(user_id)  # creating the account if it is missing
+        return selectors.account_totals(user_id=user_id, now=now, start=start, end=end)
+
+    row_locks = transaction.get_connection().features.has_select_for_update
+    if row_locks and not cap:
+        unlocked = read_totals(lock=False)
+        if unlocked is not None and selectors.effective_budget(unlocked.account) is None:
+            return
+    totals = read_totals(lock=row_locks)
+    if totals is None:  # SQLite, no account yet
+        totals = read_totals(lock=True)
+        assert totals is not None
+    budget = selectors.effective_budget(totals.account)
+    if cap and totals.in_flight >= cap:
         raise TooManyConcurrent(
-            f"You already have {in_flight} {'reply' if in_flight == 1 else 'replies'} being "
-            "generated, the most allowed at once; "
-            "wait for one to finish.",
+            f"You already have {totals.in_flight} "
+            f"{'reply' if totals.in_flight == 1 else 'replies'} being generated, the most "
+            "allowed at once; wait for one to finish.",
             extra={"limit": cap},
             headers={"Retry-After": "1"},
         )
-    budget = selectors.effective_budget(account)
-    if budget is not None:
-        period = settings.CHAT_USER_BUDGET_PERIOD
-        start, end = period_bounds(period, now)
-        spent = selectors.spent_between(user_id=user_id, start=start, end=end)
-        if spent + reserved + amount > budget:
-            raise budget_exceeded(
-                budget=budget,
-                spent=spent,
-                reserved=reserved,
-                required=amount,
-                period=period,
-                resets_at=end,
-                now=now,
-            )
-
-
-def _has_budget(user_id: int) -> bool:
-    return selectors.effective_budget(Account.objects.filter(user_id=user_id).first()) is not None
+    if budget is not None and totals.spent + totals.reserved + amount > budget:
+        raise budget_exceeded(
+            budget=budget,
+            spent=totals.spent,
+            reserved=totals.reserved,
+            required=amount,
+            period=period,
+            resets_at=end,
+            now=now,
+        )
 
 
 def reserve(
@@ -151,12 +164,9 @@ def reserve(
     price = price_for(model)
     amount = price.cost(prompt_tokens=prompt_tokens, completion_tokens=max_completion_tokens)
 
-    cap = settings.CHAT_MAX_CONCURRENT_PER_USER
-    # With neither a cap nor a budget there is nothing to check: no lock, so one user's calls
-    # are not serialized for nothing. A budget set meanwhile applies from its commit on. (With
-    # a cap the account is locked and read anyway: no unlocked read first.)
-    if cap or _has_budget(user_id):
-        _check_admission(user_id=user_id, amount=amount, cap=cap, now=now)
+    _check_admission(
+        user_id=user_id, amount=amount, cap=settings.CHAT_MAX_CONCURRENT_PER_USER, now=now
+    )
     return Reservation.objects.create(
         user_id=user_id,
         message_id=message if message is None or isinstance(message, int) else message.pk,
@@ -246,8 +256,8 @@ def settle(
             return None
         reservation = found
     # Deleting the row decides which of two racing settlements charges it. No account lock:
-    # `reserve` reads the reservations before the spending, so a settlement committing between
-    # its two reads can only make it count this call twice (refuse more), never zero times.
+    # `reserve` reads the reservations and the spending in one statement (one snapshot), so it
+    # sees this settlement either whole or not at all, never the call counted zero times.
     deleted, _ = Reservation.objects.filter(pk=reservation.pk).delete()
     if not deleted:  # settled by someone else meanwhile
         return None

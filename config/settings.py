@@ -183,6 +183,12 @@ if REDIS_URL:
     }
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+# The users of valid API tokens, per process (chat.api.authentication).
+CACHES["tokens"] = {
+    "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+    "LOCATION": "chat-tokens",
+    "OPTIONS": {"MAX_ENTRIES": 10000},
+}
 
 # --- I18N / static ----------------------------------------------------------------------------
 LANGUAGE_CODE = "en-us"
@@ -269,6 +275,10 @@ CHAT_LIST_COUNT_CACHE_SECONDS = env.int("CHAT_LIST_COUNT_CACHE_SECONDS", default
 # Production settings (DJANGO_HTTPS) refuse it unless it is set explicitly.
 CHAT_ALLOW_ANONYMOUS = env.bool("CHAT_ALLOW_ANONYMOUS", default=not HTTPS)
 CHAT_ANONYMOUS_USERNAME = env.str("CHAT_ANONYMOUS_USERNAME", default="anonymous")
+# How long a process remembers a valid API token's user (0: it reads it on every request).
+# A token rotated or deleted, or a user deactivated, in another process (e.g. manage.py
+# create_token --rotate) keeps working in this one for at most that long.
+CHAT_TOKEN_CACHE_SECONDS = env.float("CHAT_TOKEN_CACHE_SECONDS", default=5.0)
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "login"

@@ -38,12 +38,15 @@ def _close_database_threads(django_db_setup, django_db_blocker) -> Iterator[None
 
 @pytest.fixture(autouse=True)
 def _fresh_anonymous_user() -> Iterator[None]:
-    """Tests empty the database between them: forget the cached anonymous user."""
+    """Tests empty the database between them: forget the cached anonymous user and tokens."""
+    from chat.api.authentication import forget_cached_tokens
     from chat.services import users
 
     users.forget_anonymous_user()
+    forget_cached_tokens()
     yield
     users.forget_anonymous_user()
+    forget_cached_tokens()
 
 
 @pytest.fixture(autouse=True)

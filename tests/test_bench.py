@@ -125,5 +125,6 @@ def test_the_admission_benchmark_runs():
     assert completed.returncode == 0, completed.stderr
     anonymous, user = completed.stdout.split("== user")
     assert "_store_prompt" in anonymous and "APIView.initial" not in anonymous
-    # With a token, limits and a budget: authentication and the rate limit read the database.
-    assert "APIView.initial" in user and "_hit_db" in user
+    # With a token, limits and a budget, the rate limit is counted in the prompt's transaction.
+    assert "_store_prompt" in user and "_hit_db" not in user
+    assert "rate limit: hit (database)" in user and "admission path in all" in user

@@ -6,8 +6,9 @@ per request. Here everything that may touch the database runs on the bounded thr
 `chat.db`:
 
 - `initial()` — token and session lookups — and plain `def` handlers run there (one hop);
-  a request without credentials skips that hop: its authentication reads nothing (no token to
-  look up, no session to load) and the anonymous user is cached;
+  a request without credentials, or with a token whose user is cached
+  (`chat.api.authentication`), skips that hop: its authentication reads nothing and the
+  anonymous user is cached;
 - `async def` handlers are awaited on the event loop (they call `chat.db.run` themselves).
 
 The rest is DRF's own: request parsing, content negotiation, the exception handler
@@ -29,6 +30,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView as DRFAPIView
 
 from chat import db, request_context
+from chat.api.authentication import TokenAuthentication
 from chat.services import users
 
 
@@ -50,6 +52,20 @@ class APIView(DRFAPIView):
         else:  # let through by the permission: anonymous use is on
             self.owner = users.anonymous_user()
             self.client_ip = request_context.client_ip(request.META)
+
+    def _authenticated_from_cache(self, request: Request) -> bool:
+        """Authenticate `request` now if it carries a token whose user is cached (`initial()`
+        then finds its user set and looks nothing up): whether it did."""
+        # Only when the token is what DRF would try first.
+        if not request.authenticators or not isinstance(
+            request.authenticators[0], TokenAuthentication
+        ):
+            return False
+        credentials = TokenAuthentication.credentials_from_cache(request._request)
+        if credentials is None:
+            return False
+        request.user, request.auth = credentials
+        return True
 
     def _initial_reads_the_database(self, request: Request) -> bool:
         django_request = request._request
@@ -82,10 +98,12 @@ class APIView(DRFAPIView):
         try:
             handler = self._handler(request)
             if inspect.iscoroutinefunction(handler):
-                if self._initial_reads_the_database(request):
-                    await db.run(self.initial, request, *args, **kwargs)
-                else:
+                if self._authenticated_from_cache(request) or not (
+                    self._initial_reads_the_database(request)
+                ):
                     self.initial(request, *args, **kwargs)
+                else:
+                    await db.run(self.initial, request, *args, **kwargs)
                 response = await handler(request, *args, **kwargs)
             else:
                 response = await db.run(self._initial_then, handler, request, *args, **kwargs)

@@ -187,21 +187,29 @@ def _plan(
 
 
 def _store_prompt(
-    *, owner: User, plan: _Plan, prompt: str, idempotency_key: str | None
+    *,
+    owner: User,
+    plan: _Plan,
+    prompt: str,
+    idempotency_key: str | None,
+    pending_hit: limits.PendingHit | None,
 ) -> tuple[Message, Reservation | None]:
     """Store the prompt as a pending message (and its new conversation) with its budget
     reservation, in one transaction: (message, reservation id).
 
-    The conversation is locked first (one deleted meanwhile is a clear 400, never a dangling
-    message), then the reservation locks the user's billing account — the order every writer
-    of both takes, so none waits on another in a cycle. Over the budget or the concurrency cap
-    the transaction rolls back: nothing is stored and nothing is sent upstream. Without an API
-    key the prompt is stored as failed (retriable), with no reservation.
+    The rate limit's `pending_hit` (database backend) is recorded first, then the conversation
+    is locked (one deleted meanwhile is a clear 400, never a dangling message), then the
+    reservation locks the user's billing account — the order every writer of these takes, so
+    none waits on another in a cycle. Over the rate, the budget or the concurrency cap the
+    transaction rolls back: nothing is stored, counted or sent upstream. Without an API key
+    the prompt is stored as failed (retriable), with no reservation.
     """
-    now = timezone.now()
     options = plan.options
     configured = llm.is_configured()
     with transaction.atomic():
+        if pending_hit is not None:
+            pending_hit.record()
+        now = timezone.now()
         if plan.conversation_id is None:
             conversation = Conversation.objects.create(
                 owner=owner, title=auto_title(prompt), created_at=now, updated_at=now
@@ -300,10 +308,15 @@ async def message_start(
         plan = await db.run(_plan, **request)  # type: ignore[arg-type]
     if plan.replay is not None:
         return StartedMessage(message=plan.replay, replayed=True)
-    await _throttle(owner, client_ip)
+    pending_hit = await _throttle(owner, client_ip)
     try:
         message, reservation = await db.run(
-            _store_prompt, owner=owner, plan=plan, prompt=prompt, idempotency_key=idempotency_key
+            _store_prompt,
+            owner=owner,
+            plan=plan,
+            prompt=prompt,
+            idempotency_key=idempotency_key,
+            pending_hit=pending_hit,
         )
     except IntegrityError:
         if idempotency_key is None:
@@ -328,10 +341,11 @@ async def message_start(
     return StartedMessage(message=message, replayed=False)
 
 
-async def _throttle(owner: User, client_ip: str | None) -> None:
+async def _throttle(owner: User, client_ip: str | None) -> limits.PendingHit | None:
     """The rate limit of calls that reach the model: per user, or per client IP for anonymous
-    requests (`client_ip` is given for those only). Raises RateLimited."""
-    await limits.throttle(user_id=None if client_ip else owner.pk, client_ip=client_ip)
+    requests (`client_ip` is given for those only). Raises RateLimited; a PendingHit is to be
+    recorded in the transaction that admits the call."""
+    return await limits.throttle(user_id=None if client_ip else owner.pk, client_ip=client_ip)
 
 
 async def message_send(
@@ -384,9 +398,10 @@ def _prepare_regeneration(
     model: str | None,
     temperature: float | None,
     max_tokens: int | None,
+    pending_hit: limits.PendingHit | None,
 ) -> PreparedGeneration:
-    """Reserve the budget, archive the current reply and reset the message for a new
-    generation, in one transaction."""
+    """Count the rate limit's `pending_hit`, reserve the budget, archive the current reply and
+    reset the message for a new generation, in one transaction."""
     current = selectors.message_get(owner=owner, message_id=message_id)
     conversation = current.conversation
     options = _resolve_options(
@@ -403,8 +418,10 @@ def _prepare_regeneration(
         before_id=current.pk,
     )
     with transaction.atomic():
-        # The conversation, then the billing account, as every admission locks them (see
-        # _store_prompt), then the message.
+        # The rate limit, the conversation, then the billing account, as every admission locks
+        # them (see _store_prompt), then the message.
+        if pending_hit is not None:
+            pending_hit.record()
         Conversation.objects.select_for_update().filter(pk=conversation.pk).first()
         reservation = billing.reserve(
             user=owner,
@@ -461,11 +478,12 @@ async def message_regenerate(
     await db.run(selectors.message_get, owner=owner, message_id=message_id)  # 404 first
     if not llm.is_configured():
         raise ServiceNotConfigured(extra={"message_id": message_id})
-    await _throttle(owner, client_ip)
+    pending_hit = await _throttle(owner, client_ip)
     prepared = await db.run(
         _prepare_regeneration,
         owner=owner,
         message_id=message_id,
+        pending_hit=pending_hit,
         model=model,
         temperature=temperature,
         max_tokens=max_tokens,

@@ -12,7 +12,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from django.db import connection
+from asgiref.sync import sync_to_async
+from django.db import connection, transaction
 
 from billing import limits
 from billing.limits import REDIS_KEY_PREFIX, Rate, hit
@@ -179,19 +180,92 @@ async def test_throttle_per_user_and_per_client_ip(backend, settings):
     assert limits.rate_for(anonymous=False) == Rate(2, 60)
     assert limits.rate_for(anonymous=True) == Rate(1, 3600)
 
-    await limits.throttle(user_id=user_id, client_ip=ip)
-    await limits.throttle(user_id=user_id, client_ip=ip)
+    await throttle(user_id=user_id, client_ip=ip)
+    await throttle(user_id=user_id, client_ip=ip)
     with pytest.raises(RateLimited) as refused:
-        await limits.throttle(user_id=user_id, client_ip=ip)
+        await throttle(user_id=user_id, client_ip=ip)
     assert refused.value.extra["retry_after"] == 60
-    await limits.throttle(user_id=None, client_ip=ip)
+    await throttle(user_id=None, client_ip=ip)
     with pytest.raises(RateLimited) as refused:
-        await limits.throttle(user_id=None, client_ip=ip)
+        await throttle(user_id=None, client_ip=ip)
     assert refused.value.headers["Retry-After"] == "3600"
     settings.CHAT_THROTTLE_USER = ""
     for _ in range(5):
-        await limits.throttle(user_id=user_id, client_ip=ip)
+        assert await limits.throttle(user_id=user_id, client_ip=ip) is None  # nothing to count
     assert limits.rate_for(anonymous=False) is None
+
+
+async def throttle(*, user_id: int | None, client_ip: str | None) -> None:
+    """`limits.throttle`, and its pending hit (database backend) recorded in a transaction of
+    its own, as the services record it in the transaction that stores the request."""
+    pending = await limits.throttle(user_id=user_id, client_ip=client_ip)
+    if pending is not None:
+        await sync_to_async(_record_in_transaction)(pending)
+
+
+def _record_in_transaction(pending: limits.PendingHit, *, then_fail: bool = False) -> None:
+    with transaction.atomic():
+        pending.record()
+        if then_fail:
+            raise RuntimeError("the request's transaction fails")
+
+
+async def test_on_the_database_a_hit_counts_with_the_transaction_that_records_it(settings):
+    settings.REDIS_URL = ""
+    settings.CHAT_THROTTLE_USER = "2/min"
+    user_id = uuid.uuid4().int % 10**12
+    stored = RateLimitHit.objects.filter(key=f"user:{user_id}")
+
+    pending = await limits.throttle(user_id=user_id, client_ip=None)
+    assert pending == limits.PendingHit(key=f"user:{user_id}", rate=Rate(2, 60))
+    assert await stored.acount() == 0  # not counted until recorded
+    with pytest.raises(RuntimeError, match=r"inside transaction\.atomic"):
+        await sync_to_async(pending.record)()
+    # A request whose transaction fails (refused by its budget, say) is not counted.
+    for _ in range(3):
+        with pytest.raises(RuntimeError, match="fails"):
+            await sync_to_async(_record_in_transaction)(pending, then_fail=True)
+    assert await stored.acount() == 0
+    await throttle(user_id=user_id, client_ip=None)
+    await throttle(user_id=user_id, client_ip=None)
+    assert await stored.acount() == 2
+    with pytest.raises(RateLimited):
+        await throttle(user_id=user_id, client_ip=None)
+    assert await stored.acount() == 2
+
+
+async def test_on_redis_a_hit_is_counted_at_once(settings, redis_keys):
+    redis_or_skip()
+    settings.REDIS_URL = REDIS_TEST_URL
+    settings.CHAT_THROTTLE_USER = "1/min"
+    user_id = uuid.uuid4().int % 10**12
+    redis_keys.append(f"{REDIS_KEY_PREFIX}user:{user_id}")
+    try:
+        assert await limits.throttle(user_id=user_id, client_ip=None) is None
+        with pytest.raises(RateLimited):
+            await limits.throttle(user_id=user_id, client_ip=None)
+    finally:
+        await close_redis()
+    assert not await RateLimitHit.objects.filter(key=f"user:{user_id}").aexists()
+
+
+async def test_hits_that_left_the_window_are_not_counted_and_are_deleted_now_and_then(
+    monkeypatch,
+):
+    key = f"test:{uuid.uuid4().hex}"
+    rate = Rate(2, 0.2)
+    stored = RateLimitHit.objects.filter(key=key)
+    monkeypatch.setattr(limits, "STALE_DELETE_EVERY", 10**9)  # practically never
+    assert await sync_to_async(limits._hit_db)(key, rate) is None
+    assert await sync_to_async(limits._hit_db)(key, rate) is None
+    assert await sync_to_async(limits._hit_db)(key, rate) is not None
+    await asyncio.sleep(0.25)
+    assert await sync_to_async(limits._hit_db)(key, rate) is None  # the old two are not counted
+    assert await stored.acount() == 3
+    monkeypatch.setattr(limits, "STALE_DELETE_EVERY", 1)  # every check
+    await asyncio.sleep(0.25)
+    assert await sync_to_async(limits._hit_db)(key, rate) is None
+    assert await stored.acount() == 1
 
 
 def test_purging_old_database_hits():

@@ -184,6 +184,46 @@ def test_daily_usage_equals_the_ledger_sums(billing_settings, make_user):
     assert summary.requests == sum(r.requests for r in summary.rows)
 
 
+def test_the_admission_totals_agree_with_the_ledger_and_reservations(billing_settings, make_user):
+    alice, bob = make_user("alice"), make_user("bob")
+    billing_settings.CHAT_USER_BUDGET_USD = None
+    billing_settings.CHAT_MAX_CONCURRENT_PER_USER = 0
+    start, end = dt.datetime(2026, 11, 1, tzinfo=dt.UTC), dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
+    for user, when in [
+        (alice, start - dt.timedelta(seconds=1)),  # last period: not counted
+        (alice, start),
+        (alice, NOW),
+        (alice, end - dt.timedelta(seconds=1)),
+        (alice, end),  # next period: not counted
+        (bob, NOW),
+    ]:
+        settle(reserve(user, prompt=100, completion=0, now=when), prompt=7, completion=5, now=when)
+    held = [reserve(alice, prompt=10, completion=20), reserve(alice, prompt=30, completion=0)]
+    reserve(alice, prompt=1000, completion=0, now=NOW - dt.timedelta(seconds=61))  # expired
+    reserve(bob, prompt=1000, completion=0)
+    services.set_budget(user=alice, mode="limited", usd=Decimal("12.345678"))
+
+    totals = selectors.account_totals(user_id=alice.pk, now=NOW, start=start, end=end)
+    assert totals is not None and totals.account.user_id == alice.pk
+    assert totals.account.budget_usd == Decimal("12.345678")  # exact, converted by the ORM
+    assert selectors.effective_budget(totals.account) == to_pico(Decimal("12.345678"))
+    assert (totals.in_flight, totals.reserved) == (2, sum(r.amount for r in held))
+    assert (totals.in_flight, totals.reserved) == selectors.unexpired_reservations(
+        user_id=alice.pk, now=NOW
+    )
+    assert totals.spent == selectors.spent_between(user_id=alice.pk, start=start, end=end)
+    assert totals.spent == 3 * (7 * 1 + 5 * 2) * MICRO
+    assert selectors.account_totals(user_id=make_user().pk, now=NOW, start=start, end=end) is None
+
+
+def test_with_neither_cap_nor_budget_anything_is_admitted(billing_settings, user):
+    billing_settings.CHAT_USER_BUDGET_USD = None
+    billing_settings.CHAT_MAX_CONCURRENT_PER_USER = 0
+    for _ in range(5):
+        reserve(user, prompt=10**6, completion=10**6)
+    assert Reservation.objects.filter(user=user).count() == 5
+
+
 def test_budget_refuses_what_could_overshoot(billing_settings, user):
     billing_settings.CHAT_USER_BUDGET_USD = Decimal("0.002")  # 2000 micro-dollars
     first = reserve(user, prompt=500, completion=500)  # 1500

@@ -3,6 +3,7 @@ create_token command, tokens made in the admin, and the production default (anon
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -14,12 +15,14 @@ import httpx
 import pytest
 from asgiref.sync import sync_to_async
 from django.contrib.auth import get_user_model
+from django.core.cache import caches
 from django.core.management import CommandError, call_command
 from django.test import Client
 from django.urls import URLPattern, reverse
 from rest_framework.authtoken.models import Token
 
 from chat.api import urls as api_urls
+from chat.api.authentication import TOKEN_CACHE
 from chat.models import Conversation, Message
 from chat.services import users
 from tests.conftest import JSON, authenticated, error_of
@@ -119,6 +122,45 @@ async def test_a_token_of_an_inactive_user_is_refused(api, settings):
         response = await client.get("/api/messages/")
     assert response.status_code == 401
     assert error_of(response)["code"] == "authentication_failed"
+
+
+async def test_a_token_user_is_remembered_briefly_and_changes_made_here_at_once(api, settings):
+    settings.CHAT_ALLOW_ANONYMOUS = False
+    settings.CHAT_TOKEN_CACHE_SECONDS = 0.5
+    token = await amake_token("alice")
+    async with authenticated(api, token) as alice:
+        assert (await alice.get("/api/messages/")).status_code == 200
+        # Deactivated by another process (an UPDATE: no signal reaches this one): the cached
+        # user is still let in, for at most CHAT_TOKEN_CACHE_SECONDS.
+        users = get_user_model().objects.filter(username="alice")
+        await users.aupdate(is_active=False)
+        assert (await alice.get("/api/messages/")).status_code == 200
+        await asyncio.sleep(0.6)
+        assert (await alice.get("/api/messages/")).status_code == 401
+        await users.aupdate(is_active=True)
+        assert (await alice.get("/api/messages/")).status_code == 200
+        # Changed in this process (a save, a delete): forgotten at once.
+        user = await users.aget()
+        user.is_active = False
+        await user.asave()
+        assert (await alice.get("/api/messages/")).status_code == 401
+        user.is_active = True
+        await user.asave()
+        assert (await alice.get("/api/messages/")).status_code == 200
+        await Token.objects.filter(key=token).adelete()
+        assert (await alice.get("/api/messages/")).status_code == 401
+    # The cache is keyed by a digest: no token is a key of it.
+    assert all(token not in key for key in caches[TOKEN_CACHE]._cache)  # type: ignore[attr-defined]
+
+    # Without the cache (0) every request reads its token: the UPDATE is seen at once.
+    settings.CHAT_TOKEN_CACHE_SECONDS = 0
+    bob = await amake_token("bob")
+    statuses = []
+    async with authenticated(api, bob) as client:
+        for active in (True, False):
+            await get_user_model().objects.filter(username="bob").aupdate(is_active=active)
+            statuses.append((await client.get("/api/messages/")).status_code)
+    assert statuses == [200, 401]
 
 
 async def test_a_key_that_is_not_ascii_is_a_401(api):

@@ -264,7 +264,11 @@ async def test_storing_a_prompt_into_a_conversation_deleted_after_planning_is_a_
     await Conversation.objects.filter(pk=conversation.pk).adelete()
     with pytest.raises(Exception) as caught:
         await sync_to_async(messages._store_prompt)(
-            owner=anonymous, plan=plan, prompt="late", idempotency_key="late-key"
+            owner=anonymous,
+            plan=plan,
+            prompt="late",
+            idempotency_key="late-key",
+            pending_hit=None,
         )
     assert caught.value.status_code == 400
     assert "conversation" in caught.value.extra["fields"]

@@ -235,6 +235,25 @@ async def test_the_concurrency_cap_refuses_a_third_slow_stream(alice, bob, fake_
 # --- Budgets ------------------------------------------------------------------------------------
 
 
+async def test_on_the_database_a_request_refused_for_its_budget_uses_no_rate(
+    alice, fake_openai, settings, prices
+):
+    settings.REDIS_URL = ""
+    settings.CHAT_THROTTLE_USER = "1/min"
+    settings.CHAT_USER_BUDGET_USD = Decimal("0.00005")  # less than any reply's worst case
+    refused = await alice.post(CREATE_URL, json={"prompt_message": "hi", "max_tokens": 100})
+    assert error_of(refused)["code"] == "budget_exceeded"
+    # Counted in the prompt's transaction, the hit was rolled back with it.
+    assert await RateLimitHit.objects.acount() == 0
+    settings.CHAT_USER_BUDGET_USD = None
+    admitted = await alice.post(CREATE_URL, json={"prompt_message": "hi", "max_tokens": 100})
+    assert admitted.status_code == 201
+    limited = await alice.post(CREATE_URL, json={"prompt_message": "hi", "max_tokens": 100})
+    assert error_of(limited)["code"] == "rate_limited"
+    assert await RateLimitHit.objects.acount() == 1
+    assert len(fake_openai.chat_requests()) == 1
+
+
 async def test_a_burst_admits_only_what_fits_the_budget(alice, fake_openai, settings, prices):
     prompt, max_tokens = "burst [[latency:2]]", 20
     reservation = reservation_for(prompt, max_tokens)
