@@ -2,11 +2,11 @@
 
 Drives the shipped ASGI application in process (httpx's ASGI transport) against the fake OpenAI
 server without latency, one chat after another, and times every unit of database work
-(`chat.db.run`) with `time.thread_time()` on its thread, counting its queries. Two modes, each
-in a fresh process and database: `anonymous` (no credentials, no limits) and `user` (a token,
-CHAT_THROTTLE_USER, CHAT_MAX_CONCURRENT_PER_USER and CHAT_USER_BUDGET_USD set: authentication,
-rate limit, concurrency cap and budget reservation all run). The difference is the admission
-path's cost.
+(`chat.db.run`) with `time.thread_time()` on its thread, counting its queries, and each step of
+the admission path (token lookup, rate limit, concurrency cap and budget check) where it runs.
+Two modes, each in a fresh process and database: `anonymous` (no credentials, no limits) and
+`user` (a token, CHAT_THROTTLE_USER, CHAT_MAX_CONCURRENT_PER_USER and CHAT_USER_BUDGET_USD set:
+authentication, rate limit, concurrency cap and budget reservation all run).
 
     make bench-admission        # or: .venv/bin/python -m bench admission --chats 300
 """
