@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
@@ -13,7 +14,7 @@ from django.db.models import Count, Sum
 from django.utils import timezone
 
 from billing.models import Account, BudgetMode, DailyUsage, Reservation
-from billing.money import to_pico, usd_str
+from billing.money import MAX_DECIMALS, to_pico, usd_str
 from billing.periods import period_bounds
 
 # A user, or a user's id (callers often hold only message.owner_id).
@@ -26,6 +27,7 @@ __all__ = [
     "UsageSummary",
     "UserRef",
     "account_totals",
+    "budget_of",
     "budget_status",
     "effective_budget",
     "period_bounds",
@@ -41,12 +43,18 @@ def _user_id(user: UserRef) -> int:
 
 def effective_budget(account: Account | None) -> int | None:
     """The budget per period in pico-dollars, None when unlimited. No account row: default."""
-    mode = account.budget_mode if account is not None else BudgetMode.DEFAULT
+    if account is None:
+        return budget_of(mode=BudgetMode.DEFAULT, usd=None)
+    return budget_of(mode=account.budget_mode, usd=account.budget_usd)
+
+
+def budget_of(*, mode: str, usd: Decimal | None) -> int | None:
+    """The budget per period in pico-dollars of an account's `mode` and `usd`; None: unlimited."""
     if mode == BudgetMode.UNLIMITED:
         return None
-    if mode == BudgetMode.LIMITED and account is not None:
+    if mode == BudgetMode.LIMITED:
         # The database refuses a limited account without an amount; 0 would fail closed.
-        return to_pico(account.budget_usd) if account.budget_usd is not None else 0
+        return to_pico(usd) if usd is not None else 0
     default = settings.CHAT_USER_BUDGET_USD
     return None if default is None else to_pico(default)
 
@@ -61,10 +69,11 @@ def spent_between(*, user_id: int, start: dt.datetime, end: dt.datetime) -> int:
 
 @dataclass(frozen=True)
 class Totals:
-    """A user's billing account with, read in the same statement, the reservations in flight
-    (count and pico-dollars held) and the pico-dollars spent in a period."""
+    """A user's budget (pico-dollars per period; None: unlimited) with, read in the same
+    statement, the reservations in flight (count and pico-dollars held) and the pico-dollars
+    spent in a period."""
 
-    account: Account
+    budget: int | None
     in_flight: int
     reserved: int
     spent: int
@@ -73,38 +82,40 @@ class Totals:
 def account_totals(
     *, user_id: int, now: dt.datetime, start: dt.datetime, end: dt.datetime
 ) -> Totals | None:
-    """The user's Account and its totals (spent: on the UTC days [start, end)) in one query;
-    None when the user has no Account row.
+    """The user's budget and totals (spent: on the UTC days [start, end)) in one query; None
+    when the user has no Account row.
 
-    Raw SQL (through the ORM's `raw()`, which still converts the fields): every admission runs
-    it, and building the same query with the ORM costs about fifteen times as much CPU
-    (BENCHMARKS.md, "The admission path")."""
+    Raw SQL: every admission runs it, and the same query built with the ORM costs about fifteen
+    times as much CPU, read through `raw()` three times (BENCHMARKS.md, "The admission path").
+    The budget is read as text, so that it converts to a Decimal exactly on both databases."""
     ops = connection.ops
     moment = ops.adapt_datetimefield_value(now)
     first_day = ops.adapt_datefield_value(start.date())
     last_day = ops.adapt_datefield_value(end.date())
-    rows = list(
-        Account.objects.raw(_ACCOUNT_TOTALS_SQL, [moment, moment, first_day, last_day, user_id])
-    )
-    if not rows:
+    with connection.cursor() as cursor:
+        cursor.execute(_ACCOUNT_TOTALS_SQL, [moment, moment, first_day, last_day, user_id])
+        row = cursor.fetchone()
+    if row is None:
         return None
-    account: Any = rows[0]  # with the query's extra columns as attributes
+    mode, usd, in_flight, reserved, spent = row
+    # As the ORM's converter does: SQLite keeps a decimal as a REAL.
+    amount = None if usd is None else Decimal(usd).quantize(Decimal(1).scaleb(-MAX_DECIMALS))
     return Totals(
-        account=account,
-        in_flight=int(account.in_flight),
-        reserved=int(account.reserved),
-        spent=int(account.spent),
+        budget=budget_of(mode=mode, usd=amount),
+        in_flight=int(in_flight),
+        reserved=int(reserved),
+        spent=int(spent),
     )
 
 
 _ACCOUNT_TOTALS_SQL = f"""
-SELECT a.id, a.user_id, a.budget_mode, a.budget_usd, a.updated_at,
+SELECT a.budget_mode, CAST(a.budget_usd AS TEXT),
     (SELECT COUNT(*) FROM {Reservation._meta.db_table} r
-        WHERE r.user_id = a.user_id AND r.expires_at > %s) AS in_flight,
+        WHERE r.user_id = a.user_id AND r.expires_at > %s),
     (SELECT COALESCE(SUM(r.amount), 0) FROM {Reservation._meta.db_table} r
-        WHERE r.user_id = a.user_id AND r.expires_at > %s) AS reserved,
+        WHERE r.user_id = a.user_id AND r.expires_at > %s),
     (SELECT COALESCE(SUM(d.cost), 0) FROM {DailyUsage._meta.db_table} d
-        WHERE d.user_id = a.user_id AND d.day >= %s AND d.day < %s) AS spent
+        WHERE d.user_id = a.user_id AND d.day >= %s AND d.day < %s)
 FROM {Account._meta.db_table} a
 WHERE a.user_id = %s
 """  # noqa: S608 (table names from the models; every value is a parameter)

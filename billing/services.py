@@ -110,13 +110,13 @@ def _check_admission(*, user_id: int, amount: int, cap: int, now: dt.datetime) -
     row_locks = transaction.get_connection().features.has_select_for_update
     if row_locks and not cap:
         unlocked = read_totals(lock=False)
-        if unlocked is not None and selectors.effective_budget(unlocked.account) is None:
+        if unlocked is not None and unlocked.budget is None:
             return
     totals = read_totals(lock=row_locks)
     if totals is None:  # SQLite, no account yet
         totals = read_totals(lock=True)
         assert totals is not None
-    budget = selectors.effective_budget(totals.account)
+    budget = totals.budget
     if cap and totals.in_flight >= cap:
         raise TooManyConcurrent(
             f"You already have {totals.in_flight} "

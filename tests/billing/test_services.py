@@ -204,15 +204,21 @@ def test_the_admission_totals_agree_with_the_ledger_and_reservations(billing_set
     services.set_budget(user=alice, mode="limited", usd=Decimal("12.345678"))
 
     totals = selectors.account_totals(user_id=alice.pk, now=NOW, start=start, end=end)
-    assert totals is not None and totals.account.user_id == alice.pk
-    assert totals.account.budget_usd == Decimal("12.345678")  # exact, converted by the ORM
-    assert selectors.effective_budget(totals.account) == to_pico(Decimal("12.345678"))
+    assert totals is not None
+    assert totals.budget == to_pico(Decimal("12.345678"))  # exact
     assert (totals.in_flight, totals.reserved) == (2, sum(r.amount for r in held))
     assert (totals.in_flight, totals.reserved) == selectors.unexpired_reservations(
         user_id=alice.pk, now=NOW
     )
     assert totals.spent == selectors.spent_between(user_id=alice.pk, start=start, end=end)
     assert totals.spent == 3 * (7 * 1 + 5 * 2) * MICRO
+    for usd, budget in [("999999.999999", to_pico(Decimal("999999.999999"))), ("0", 0)]:
+        services.set_budget(user=alice, mode="limited", usd=Decimal(usd))
+        assert selectors.account_totals(user_id=alice.pk, now=NOW, start=start, end=end).budget == (
+            budget
+        )
+    services.set_budget(user=alice, mode="unlimited", usd=None)
+    assert selectors.account_totals(user_id=alice.pk, now=NOW, start=start, end=end).budget is None
     assert selectors.account_totals(user_id=make_user().pk, now=NOW, start=start, end=end) is None
 
 
