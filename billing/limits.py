@@ -5,8 +5,9 @@ request is not recorded. Each check-and-record is one atomic step, so concurrent
 many processes never overshoot:
 
 - with REDIS_URL: one Lua script on a sorted set per key, timed by the Redis server's clock;
-- without: the database, one transaction per check that serializes on the key
-  (pg_advisory_xact_lock on PostgreSQL; SQLite's BEGIN IMMEDIATE serializes all writers).
+- without: the database, one conditional INSERT in a transaction that serializes on the key
+  (pg_advisory_xact_lock on PostgreSQL; SQLite's BEGIN IMMEDIATE serializes all writers):
+  `hit()` in a transaction of its own, `throttle()` in the one that stores the request.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ KEY_MAX_LENGTH: int = RateLimitHit._meta.get_field("key").max_length  # type: ig
 # collide with other advisory locks of the application.
 ADVISORY_LOCK_NAMESPACE = 0x62696C6C  # "bill"
 # About one database check in PURGE_EVERY also deletes every key's hits older than a day (the
-# longest DRF window); each check deletes its own key's old hits anyway.
+# longest DRF window).
 PURGE_EVERY = 1000
 # About one check in STALE_DELETE_EVERY deletes its key's hits that have left the window.
 STALE_DELETE_EVERY = 16
