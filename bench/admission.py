@@ -130,6 +130,11 @@ async def _drive(args: argparse.Namespace, headers: dict[str, str]) -> int:
 
     db._run = measured
 
+    def add_step(name: str, started: float) -> None:
+        if timed:
+            steps[name][0] += 1
+            steps[name][1] += time.thread_time() - started
+
     def step(name: str, fn: Any) -> Any:
         """`fn` with its CPU (on the thread that runs it) added to the admission step `name`."""
         if inspect.iscoroutinefunction(fn):
@@ -140,9 +145,7 @@ async def _drive(args: argparse.Namespace, headers: dict[str, str]) -> int:
                 try:
                     return await fn(*a, **k)
                 finally:
-                    if timed:
-                        steps[name][0] += 1
-                        steps[name][1] += time.thread_time() - started
+                    add_step(name, started)
 
             return timed_coroutine
 
@@ -152,9 +155,7 @@ async def _drive(args: argparse.Namespace, headers: dict[str, str]) -> int:
             try:
                 return fn(*a, **k)
             finally:
-                if timed:
-                    steps[name][0] += 1
-                    steps[name][1] += time.thread_time() - started
+                add_step(name, started)
 
         return timed_function
 

@@ -85,9 +85,10 @@ def account_totals(
     """The user's budget and totals (spent: on the UTC days [start, end)) in one query; None
     when the user has no Account row.
 
-    Raw SQL: every admission runs it, and the same query built with the ORM costs about fifteen
-    times as much CPU, read through `raw()` three times (BENCHMARKS.md, "The admission path").
-    The budget is read as text, so that it converts to a Decimal exactly on both databases."""
+    Raw SQL through the cursor: every admission runs it. The same totals built with the ORM
+    cost about thirty times as much CPU, and this statement read through `Account.objects.raw()`
+    three times as much (BENCHMARKS.md, "The admission path"). The budget is read as text, so
+    that it converts to a Decimal exactly on both databases."""
     ops = connection.ops
     moment = ops.adapt_datetimefield_value(now)
     first_day = ops.adapt_datefield_value(start.date())

@@ -37,7 +37,7 @@ def _close_database_threads(django_db_setup, django_db_blocker) -> Iterator[None
 
 
 @pytest.fixture(autouse=True)
-def _fresh_anonymous_user() -> Iterator[None]:
+def _fresh_user_caches() -> Iterator[None]:
     """Tests empty the database between them: forget the cached anonymous user and tokens."""
     from chat.api.authentication import forget_cached_tokens
     from chat.services import users
